@@ -1,0 +1,236 @@
+"""Per-domain document splits and Megatron-style packing into (L+1)-token samples.
+
+A domain's documents (concatenated over its shard prefixes) are split into train/valid/test by contiguous
+document ranges. Each split is then an endless stream of epochs: epoch ``e`` lays the split's documents end to
+end in a seeded order, cuts the stream into ``S = (T - 1) // L`` samples where sample ``j`` is tokens
+``[j*L, j*L + L]`` (L+1 tokens, crossing document boundaries; the tokens after the last full sample of an epoch
+are not used), and visits the samples in a seeded shuffled order. Sample ``k`` of the domain is sample
+``shuffle_e[k mod S]`` of epoch ``e = k div S``, so any ``k >= 0`` is valid and a domain that runs out simply
+continues into a new epoch with its own document order and shuffle.
+
+All randomness comes from ``numpy.random.default_rng([seed, crc32(domain), split_id, epoch, purpose])``, so the
+indices are identical on every rank, across resumes and with or without the native extension (the native code
+only builds the sample index and copies tokens).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from megatron_doremi._native import helpers, native_enabled
+from megatron_doremi.data.indexed import IndexedDataset
+
+logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "valid", "test")
+_SPLIT_IDS = {name: i for i, name in enumerate(SPLIT_NAMES)}
+_DOC_ORDER, _SAMPLE_SHUFFLE = 0, 1
+
+
+class DataError(ValueError):
+    """Data that cannot be packed as asked (too small, bad split...); the message names the domain and split."""
+
+
+def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
+    """``"98,1,1"`` (or ``"98/1/1"``, or 1-3 numbers) -> normalised fractions (train, valid, test)."""
+    if isinstance(split, str):
+        parts = [p for p in split.replace("/", ",").split(",") if p.strip()]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise DataError(f"split {split!r}: expected up to three comma-separated numbers like '98,1,1'") from None
+    else:
+        values = [float(v) for v in split]
+    if not 1 <= len(values) <= 3:
+        raise DataError(f"split {split!r}: expected 1 to 3 numbers (train, valid, test)")
+    values += [0.0] * (3 - len(values))
+    if any(not np.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
+        raise DataError(f"split {split!r}: numbers must be finite, >= 0 and not all zero")
+    total = sum(values)
+    return (values[0] / total, values[1] / total, values[2] / total)
+
+
+def split_document_ranges(num_documents: int, split: str | Sequence[float]) -> dict[str, tuple[int, int]]:
+    """Contiguous [start, end) document ranges per split, Megatron's rounding (boundaries rounded, last = total)."""
+    fractions = parse_split(split)
+    bounds = [0]
+    for frac in fractions:
+        bounds.append(bounds[-1] + int(round(frac * float(num_documents))))
+    diff = bounds[-1] - num_documents
+    bounds = [bounds[0]] + [b - diff for b in bounds[1:]]
+    return {name: (bounds[i], bounds[i + 1]) for i, name in enumerate(SPLIT_NAMES)}
+
+
+def build_sample_index(doc_lengths: np.ndarray, seq_length: int, num_samples: int) -> np.ndarray:
+    """int64 [num_samples + 1, 2]: (document position, token offset) of each sample start ``j * seq_length``.
+
+    ``doc_lengths`` are token counts in epoch order; the stream must hold ``num_samples * seq_length + 1`` tokens.
+    """
+    doc_lengths = np.ascontiguousarray(doc_lengths, dtype=np.int64)
+    if native_enabled():
+        return helpers.build_sample_index(doc_lengths, int(seq_length), int(num_samples))
+    ends = np.cumsum(doc_lengths)
+    starts = np.arange(num_samples + 1, dtype=np.int64) * seq_length
+    doc = np.searchsorted(ends, starts, side="right")
+    if num_samples >= 0 and len(doc) and doc[-1] >= len(doc_lengths):
+        raise IndexError("sample start beyond the end of the token stream")
+    offset = starts - (ends[doc] - doc_lengths[doc])
+    return np.stack([doc, offset], axis=1).astype(np.int64)
+
+
+@dataclass
+class _Epoch:
+    doc_shard: np.ndarray  # int32 [n_docs] shard of each document, in this epoch's order
+    doc_start: np.ndarray  # int64 [n_docs] token offset of each document inside its shard's token array
+    doc_len: np.ndarray  # int64 [n_docs]
+    sample_index: np.ndarray  # int64 [S + 1, 2]
+    shuffle: np.ndarray  # int64 [S] epoch sample visited at each position
+
+
+class DomainSequences:
+    """Endless packed samples of one domain's split.
+
+    Args:
+        name: domain name (also seeds the RNG, so domains get independent orders).
+        shards: the domain's opened shards, in prefix order; they must share a token dtype.
+        split: which split this is ("train", "valid" or "test"); seeds the RNG.
+        doc_range: [start, end) over the concatenation of the shards' documents.
+        seq_length: L; samples hold L + 1 tokens.
+        seed: global data seed.
+        shuffle: shuffle documents and samples per epoch (evaluation may keep the natural order).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        shards: Sequence[IndexedDataset],
+        split: str,
+        doc_range: tuple[int, int],
+        seq_length: int,
+        seed: int,
+        shuffle: bool = True,
+    ) -> None:
+        if seq_length <= 0:
+            raise DataError(f"seq_length must be > 0, got {seq_length}")
+        if not shards:
+            raise DataError(f"domain {name!r}: no shards")
+        dtypes = {s.dtype for s in shards}
+        if len(dtypes) != 1:
+            raise DataError(f"domain {name!r}: shards have different token dtypes {sorted(map(str, dtypes))}")
+        self.name = name
+        self.split = split
+        self.seq_length = int(seq_length)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.dtype = shards[0].dtype
+        self._tokens = [np.ascontiguousarray(s.tokens) for s in shards]
+
+        shard_ids, starts, lengths = [], [], []
+        for sid, shard in enumerate(shards):
+            offsets = shard.document_token_offsets()
+            starts.append(offsets[:-1])
+            lengths.append(np.diff(offsets))
+            shard_ids.append(np.full(len(offsets) - 1, sid, dtype=np.int32))
+        lo, hi = doc_range
+        self._doc_shard = np.concatenate(shard_ids)[lo:hi]
+        self._doc_start = np.concatenate(starts).astype(np.int64)[lo:hi]
+        self._doc_len = np.concatenate(lengths).astype(np.int64)[lo:hi]
+        self.num_documents = int(hi - lo)
+        self.num_tokens = int(self._doc_len.sum())
+        self.samples_per_epoch = max((self.num_tokens - 1) // self.seq_length, 0)
+        if self.samples_per_epoch <= 0:
+            raise DataError(
+                f"domain {name!r} {split} split: {self.num_documents} documents with {self.num_tokens} tokens cannot "
+                f"give one sample of seq_length {self.seq_length} (needs >= {self.seq_length + 1} tokens); "
+                "add data, lower seq_length or change the split"
+            )
+        self._key = zlib.crc32(name.encode("utf-8"))
+        self._epochs: OrderedDict[int, _Epoch] = OrderedDict()
+        self._warned_wrap = False
+
+    def __len__(self) -> int:
+        """Samples in one epoch (any index >= 0 is valid; indices past this wrap into later epochs)."""
+        return self.samples_per_epoch
+
+    def _rng(self, epoch: int, purpose: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self._key, _SPLIT_IDS.get(self.split, 3), epoch, purpose])
+
+    def epoch(self, e: int) -> _Epoch:
+        """The (cached) document order, sample index and sample shuffle of epoch ``e``."""
+        cached = self._epochs.get(e)
+        if cached is not None:
+            self._epochs.move_to_end(e)
+            return cached
+        if e > 0 and not self._warned_wrap:
+            logger.info("domain %r (%s) starts epoch %d with a new document order and shuffle", self.name, self.split, e)
+            self._warned_wrap = True
+        if self.shuffle:
+            order = self._rng(e, _DOC_ORDER).permutation(self.num_documents)
+            doc_len = self._doc_len[order]
+            built = _Epoch(self._doc_shard[order], self._doc_start[order], doc_len, None, None)  # type: ignore[arg-type]
+        else:
+            built = _Epoch(self._doc_shard, self._doc_start, self._doc_len, None, None)  # type: ignore[arg-type]
+        built.sample_index = build_sample_index(built.doc_len, self.seq_length, self.samples_per_epoch)
+        if self.shuffle:
+            built.shuffle = self._rng(e, _SAMPLE_SHUFFLE).permutation(self.samples_per_epoch).astype(np.int64)
+        else:
+            built.shuffle = np.arange(self.samples_per_epoch, dtype=np.int64)
+        self._epochs[e] = built
+        while len(self._epochs) > 2:
+            self._epochs.popitem(last=False)
+        return built
+
+    def get_batch(self, ks: np.ndarray, out_dtype: np.dtype | None = None) -> np.ndarray:
+        """Samples ``ks`` (int64, any values >= 0) as a [len(ks), L+1] array (shard dtype unless ``out_dtype``)."""
+        ks = np.asarray(ks, dtype=np.int64).reshape(-1)
+        if len(ks) and ks.min() < 0:
+            raise IndexError(f"domain {self.name!r}: negative sample index {int(ks.min())}")
+        out = np.empty((len(ks), self.seq_length + 1), dtype=out_dtype or self.dtype)
+        if not len(ks):
+            return out
+        epochs = ks // self.samples_per_epoch
+        for e in np.unique(epochs):
+            rows = np.nonzero(epochs == e)[0]
+            ep = self.epoch(int(e))
+            j = ep.shuffle[ks[rows] % self.samples_per_epoch]
+            start_doc = ep.sample_index[j, 0]
+            start_off = ep.sample_index[j, 1]
+            if len(rows) == len(ks):
+                self._gather(ep, start_doc, start_off, out)
+            else:
+                part = np.empty((len(rows), out.shape[1]), dtype=out.dtype)
+                self._gather(ep, start_doc, start_off, part)
+                out[rows] = part
+        return out
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.get_batch(np.array([k], dtype=np.int64))[0]
+
+    def _gather(self, ep: _Epoch, start_doc: np.ndarray, start_off: np.ndarray, out: np.ndarray) -> None:
+        if native_enabled():
+            helpers.gather_samples(
+                self._tokens,
+                ep.doc_shard,
+                ep.doc_start,
+                ep.doc_len,
+                np.ascontiguousarray(start_doc),
+                np.ascontiguousarray(start_off),
+                out,
+            )
+            return
+        width = out.shape[1]
+        for row, (doc, off) in enumerate(zip(start_doc.tolist(), start_off.tolist())):
+            filled = 0
+            while filled < width:
+                take = min(int(ep.doc_len[doc]) - off, width - filled)
+                begin = int(ep.doc_start[doc]) + off
+                out[row, filled : filled + take] = self._tokens[ep.doc_shard[doc]][begin : begin + take]
+                filled += take
+                doc += 1
+                off = 0
