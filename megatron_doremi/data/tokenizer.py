@@ -1,0 +1,255 @@
+"""Local HF tokenizers: load one for preprocessing, or train a byte-level BPE from jsonl/parquet/text.
+
+Nothing here downloads anything: a tokenizer is a local ``tokenizer.json`` file or a directory that
+``transformers.AutoTokenizer.from_pretrained(dir, local_files_only=True)`` can load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+__all__ = [
+    "ENDOFTEXT",
+    "EOD_CANDIDATES",
+    "LoadedTokenizer",
+    "TokenizerError",
+    "iter_training_texts",
+    "load_tokenizer",
+    "main",
+    "train_bpe_tokenizer",
+]
+
+ENDOFTEXT = "<|endoftext|>"
+EOD_CANDIDATES: tuple[str, ...] = ("<|endoftext|>", "</s>", "<eos>")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer cannot be loaded or trained, or has no end-of-document token."""
+
+
+@dataclass
+class LoadedTokenizer:
+    """A fast tokenizer ready for ``encode_batch``; ``eos_token`` is the config's eos (dirs only)."""
+
+    tokenizer: Tokenizer
+    path: str
+    eos_token: str | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can emit, added/special tokens included."""
+        return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
+
+    def eod_id(self, eod_token: str | None = None) -> int | None:
+        """Id of ``eod_token`` (error if given but unknown), else of the config's eos, else of the
+        first of :data:`EOD_CANDIDATES` in the vocabulary, else None."""
+        if eod_token is not None:
+            tid = self.tokenizer.token_to_id(eod_token)
+            if tid is None:
+                raise TokenizerError(
+                    f"{self.path}: --eod-token {eod_token!r} is not in the tokenizer's vocabulary"
+                )
+            return int(tid)
+        for cand in ((self.eos_token,) if self.eos_token else ()) + EOD_CANDIDATES:
+            tid = self.tokenizer.token_to_id(cand)
+            if tid is not None:
+                return int(tid)
+        return None
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> LoadedTokenizer:
+    """Load a local tokenizer: a ``tokenizer.json`` file, or a directory (via ``AutoTokenizer``, offline).
+
+    Truncation and padding stored in the file are switched off: preprocessing must see whole documents.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise TokenizerError(
+            f"tokenizer not found: {path} (expected a tokenizer.json file or a tokenizer directory)"
+        )
+    if os.path.isdir(path):
+        loaded = _load_dir(path)
+    else:
+        try:
+            loaded = LoadedTokenizer(Tokenizer.from_file(path), path)
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise TokenizerError(f"{path}: cannot load as a tokenizers JSON file ({exc})") from None
+    loaded.tokenizer.no_truncation()
+    loaded.tokenizer.no_padding()
+    return loaded
+
+
+def _load_dir(path: str) -> LoadedTokenizer:
+    try:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        backend = getattr(hf, "backend_tokenizer", None)
+        if not isinstance(backend, Tokenizer):
+            raise TokenizerError(f"{path}: {type(hf).__name__} is not a fast (tokenizers-backed) tokenizer")
+        eos = hf.eos_token if isinstance(hf.eos_token, str) else None
+        return LoadedTokenizer(backend, path, eos)
+    except TokenizerError:
+        raise
+    except Exception as exc:
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(file):
+            raise TokenizerError(f"{path}: cannot load tokenizer directory ({exc})") from None
+        print(f"warning: AutoTokenizer failed on {path} ({exc}); using {file} directly", file=sys.stderr)
+        eos = None
+        cfg = os.path.join(path, "tokenizer_config.json")
+        if os.path.isfile(cfg):
+            with open(cfg, encoding="utf-8") as f:
+                value = json.load(f).get("eos_token")
+            eos = value if isinstance(value, str) else (value or {}).get("content")
+        return LoadedTokenizer(Tokenizer.from_file(file), path, eos)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def iter_training_texts(inputs: Sequence[str], keys: Sequence[str] = ("text",)) -> Iterator[str]:
+    """Texts of ``keys`` from jsonl(.gz)/parquet files (or every non-blank line of ``.txt`` files).
+
+    ``inputs`` may hold globs. Bad lines raise :class:`~megatron_doremi.data.preprocess.PreprocessError`.
+    """
+    from megatron_doremi.data import preprocess
+
+    files = preprocess.resolve_inputs(inputs, allow_text=True)
+    encoder = preprocess.RecordParser(keys)
+    for path in files:
+        if path.endswith(".txt"):
+            with open(path, "rb") as f:
+                for n, raw in enumerate(f, 1):
+                    try:
+                        line = raw.decode("utf-8").rstrip("\r\n")
+                    except UnicodeDecodeError as exc:
+                        raise preprocess.PreprocessError(
+                            f"{path}:{n}: invalid UTF-8 ({exc.reason})"
+                        ) from None
+                    if line.strip():
+                        yield line
+            continue
+        for batch in preprocess.iter_batches([path], keys, 1024):
+            _, texts, bad = encoder.parse(batch)
+            if bad:
+                n, msg = bad[0]
+                raise preprocess.PreprocessError(f"{preprocess.location(batch, n)}: {msg}")
+            for key in keys:
+                yield from texts[key]
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    output_dir: str | os.PathLike[str],
+    *,
+    min_frequency: int = 2,
+    special_tokens: Sequence[str] = (),
+) -> Tokenizer:
+    """Train a GPT-2 style byte-level BPE on ``texts`` and save it to ``output_dir``.
+
+    Writes ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` with
+    ``<|endoftext|>`` (id 0) as eos/bos/unk, loadable offline by ``AutoTokenizer`` and
+    ``PreTrainedTokenizerFast(tokenizer_file=...)``. Deterministic for the same texts and settings.
+    """
+    specials = [ENDOFTEXT] + [t for t in special_tokens if t != ENDOFTEXT]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(specials):
+        raise TokenizerError(
+            f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least "
+            f"{len(alphabet) + len(specials)} ids (256 bytes + {len(specials)} special tokens)"
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    out = os.fspath(output_dir)
+    os.makedirs(out, exist_ok=True)
+    _atomic_write_text(os.path.join(out, "tokenizer.json"), tok.to_str(pretty=True))
+    special_map = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special_map,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1000000000000000019884624838656,
+    }
+    if len(specials) > 1:
+        special_map["additional_special_tokens"] = specials[1:]  # type: ignore[assignment]
+        config["additional_special_tokens"] = specials[1:]
+    _atomic_write_text(os.path.join(out, "tokenizer_config.json"), json.dumps(config, indent=2) + "\n")
+    _atomic_write_text(os.path.join(out, "special_tokens_map.json"), json.dumps(special_map, indent=2) + "\n")
+    return tok
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of ``tools/train_tokenizer.py``."""
+    p = argparse.ArgumentParser(
+        prog="train_tokenizer.py",
+        description="Train a byte-level BPE tokenizer locally (HF tokenizers) from jsonl(.gz)/parquet/txt files.",
+    )
+    p.add_argument(
+        "--input", nargs="+", required=True, help="files or globs: .jsonl, .jsonl.gz, .parquet, .txt"
+    )
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys holding the text (jsonl/parquet)")
+    p.add_argument(
+        "--vocab-size", type=int, required=True, help="total vocabulary size, special tokens included"
+    )
+    p.add_argument("--output-dir", required=True, help="directory for tokenizer.json and its HF config files")
+    p.add_argument("--min-frequency", type=int, default=2, help="minimum pair frequency for a merge")
+    p.add_argument("--special-tokens", nargs="*", default=[], help="extra special tokens after <|endoftext|>")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (1 on bad input, with ``error: ...`` on stderr)."""
+    args = build_parser().parse_args(argv)
+    try:
+        tok = train_bpe_tokenizer(
+            iter_training_texts(args.input, args.json_keys),
+            args.vocab_size,
+            args.output_dir,
+            min_frequency=args.min_frequency,
+            special_tokens=args.special_tokens,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"trained byte-level BPE: vocab {tok.get_vocab_size(with_added_tokens=True)} "
+        f"-> {os.path.join(args.output_dir, 'tokenizer.json')}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
