@@ -98,7 +98,9 @@ class MixtureDataLoader:
         consumed_samples: int = 0,
     ) -> None:
         if schedule.num_domains != len(datasets):
-            raise DataError(f"blend schedule has {schedule.num_domains} domains but {len(datasets)} datasets were given")
+            raise DataError(
+                f"blend schedule has {schedule.num_domains} domains but {len(datasets)} datasets were given"
+            )
         if global_batch_size <= 0 or micro_batch_size <= 0 or world_size <= 0:
             raise ValueError("global_batch_size, micro_batch_size and world_size must be > 0")
         if not 0 <= rank < world_size:

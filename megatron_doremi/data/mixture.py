@@ -110,19 +110,26 @@ class Mixture:
             values = list(weights)
             if len(values) != self.num_domains:
                 raise MixtureError(f"expected {self.num_domains} weights (one per domain), got {len(values)}")
-        doms = [Domain(d.name, d.prefixes, _check_weight(v, f"domain {d.name!r}")) for d, v in zip(self.domains, values)]
+        doms = [
+            Domain(d.name, d.prefixes, _check_weight(v, f"domain {d.name!r}"))
+            for d, v in zip(self.domains, values)
+        ]
         return Mixture(doms, source=self.source)
 
     # ---- loading -------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, spec: Mapping[str, Any], source: str = "mixture", base_dir: str | None = None) -> Mixture:
+    def from_dict(
+        cls, spec: Mapping[str, Any], source: str = "mixture", base_dir: str | None = None
+    ) -> Mixture:
         """Load ``{"domains": {name: {"prefixes": [...], "weight": w}}}``; relative prefixes resolve against base_dir."""
         if not isinstance(spec, Mapping) or "domains" not in spec:
             raise MixtureError(f'{source}: expected an object with key "domains"')
         doms_spec = spec["domains"]
         if not isinstance(doms_spec, Mapping) or not doms_spec:
-            raise MixtureError(f'{source}: "domains" must be a non-empty object of name -> {{prefixes, weight}}')
+            raise MixtureError(
+                f'{source}: "domains" must be a non-empty object of name -> {{prefixes, weight}}'
+            )
         domains = []
         for name, entry in doms_spec.items():
             where = f"{source}: domains.{name}"
@@ -131,13 +138,19 @@ class Mixture:
             prefixes = entry.get("prefixes", entry.get("prefix"))
             if isinstance(prefixes, str):
                 prefixes = [prefixes]
-            if not isinstance(prefixes, list) or not prefixes or not all(isinstance(p, str) for p in prefixes):
+            if (
+                not isinstance(prefixes, list)
+                or not prefixes
+                or not all(isinstance(p, str) for p in prefixes)
+            ):
                 raise MixtureError(f"{where}.prefixes: expected a non-empty list of shard prefixes")
             if "weight" not in entry:
                 raise MixtureError(f"{where}.weight: missing")
             weight = _check_weight(entry["weight"], f"{where}.weight")
             if base_dir is not None:
-                prefixes = [p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p)) for p in prefixes]
+                prefixes = [
+                    p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p)) for p in prefixes
+                ]
             domains.append(Domain(str(name), tuple(prefixes), weight))
         return cls(domains, source=source)
 
@@ -150,7 +163,7 @@ class Mixture:
         except OSError as exc:
             raise MixtureError(f"{path}: cannot read mixture file ({exc.strerror})") from None
         try:
-            spec = json.loads(text)
+            spec = json.loads(text, object_pairs_hook=_reject_duplicate_keys(str(path)))
         except json.JSONDecodeError as exc:
             raise MixtureError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
         return cls.from_dict(spec, source=str(path), base_dir=str(path.parent))
@@ -168,13 +181,17 @@ class Mixture:
             pairs = [(1.0, tokens[0])]
         else:
             if len(tokens) % 2:
-                raise MixtureError(f"{source}: expected pairs 'weight prefix', got an odd number ({len(tokens)}) of items")
+                raise MixtureError(
+                    f"{source}: expected pairs 'weight prefix', got an odd number ({len(tokens)}) of items"
+                )
             pairs = []
             for k in range(0, len(tokens), 2):
                 try:
                     w = float(tokens[k])
                 except ValueError:
-                    raise MixtureError(f"{source}: item {k + 1} should be a weight, got {tokens[k]!r}") from None
+                    raise MixtureError(
+                        f"{source}: item {k + 1} should be a weight, got {tokens[k]!r}"
+                    ) from None
                 pairs.append((_check_weight(w, f"{source}: item {k + 1}"), tokens[k + 1]))
         grouped: dict[str, tuple[float, list[str]]] = {}
         for w, prefix in pairs:
@@ -198,7 +215,8 @@ class Mixture:
         """The JSON form with normalised weights."""
         return {
             "domains": {
-                d.name: {"prefixes": list(d.prefixes), "weight": float(w)} for d, w in zip(self.domains, self.weights)
+                d.name: {"prefixes": list(d.prefixes), "weight": float(w)}
+                for d, w in zip(self.domains, self.weights)
             }
         }
 
@@ -209,6 +227,22 @@ class Mixture:
             for p in d.prefixes:
                 items.append(f"{w / len(d.prefixes):.10g} {p}")
         return " ".join(items)
+
+
+def _reject_duplicate_keys(source: str):
+    """json object_pairs_hook that raises on a key repeated in one object (json.loads keeps the last silently)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise MixtureError(
+                    f"{source}: duplicate key {key!r} (duplicate domain names are not allowed)"
+                )
+            out[key] = value
+        return out
+
+    return hook
 
 
 def domain_name_from_prefix(prefix: str) -> str:

@@ -4,7 +4,9 @@ A domain's documents (concatenated over its shard prefixes) are split into train
 document ranges. Each split is then an endless stream of epochs: epoch ``e`` lays the split's documents end to
 end in a seeded order, cuts the stream into ``S = (T - 1) // L`` samples where sample ``j`` is tokens
 ``[j*L, j*L + L]`` (L+1 tokens, crossing document boundaries; the tokens after the last full sample of an epoch
-are not used), and visits the samples in a seeded shuffled order. Sample ``k`` of the domain is sample
+are not used), and visits the samples in a seeded shuffled order. Both orders are keyed Feistel permutations
+(:class:`Permutation`): computed with sequential memory access, and the sample shuffle is evaluated per lookup
+instead of being stored. Sample ``k`` of the domain is sample
 ``shuffle_e[k mod S]`` of epoch ``e = k div S``, so any ``k >= 0`` is valid and a domain that runs out simply
 continues into a new epoch with its own document order and shuffle.
 
@@ -44,7 +46,9 @@ def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
         try:
             values = [float(p) for p in parts]
         except ValueError:
-            raise DataError(f"split {split!r}: expected up to three comma-separated numbers like '98,1,1'") from None
+            raise DataError(
+                f"split {split!r}: expected up to three comma-separated numbers like '98,1,1'"
+            ) from None
     else:
         values = [float(v) for v in split]
     if not 1 <= len(values) <= 3:
@@ -84,13 +88,100 @@ def build_sample_index(doc_lengths: np.ndarray, seq_length: int, num_samples: in
     return np.stack([doc, offset], axis=1).astype(np.int64)
 
 
+_U64 = np.uint64
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    z = z + _U64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return z ^ (z >> _U64(31))
+
+
+class Permutation:
+    """A keyed pseudo-random permutation of [0, n), evaluated on demand (O(1) memory).
+
+    A 4-round balanced Feistel network over 2h bits (2^(2h) >= n) with splitmix64 round functions, restricted
+    to [0, n) by cycle walking. The native extension and this numpy code give identical results.
+    """
+
+    def __init__(self, n: int, rng: np.random.Generator) -> None:
+        if n <= 0:
+            raise ValueError(f"permutation size must be > 0, got {n}")
+        self.n = int(n)
+        self.keys = rng.integers(0, np.iinfo(np.uint64).max, size=4, dtype=np.uint64, endpoint=True)
+        bits = max(int(self.n - 1).bit_length(), 1)
+        self._half = _U64(max((bits + 1) // 2, 1))
+        self._mask = _U64((1 << int(self._half)) - 1)
+
+    def _once(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self._half, x & self._mask
+        for key in self.keys:
+            left, right = right, left ^ (_splitmix64(right ^ key) & self._mask)
+        return (left << self._half) | right
+
+    def __call__(self, xs: np.ndarray) -> np.ndarray:
+        """The permuted positions of ``xs`` (int64 in [0, n))."""
+        xs = np.ascontiguousarray(xs, dtype=np.int64)
+        if native_enabled():
+            return helpers.feistel_apply(self.n, self.keys, xs)
+        if len(xs) and (xs.min() < 0 or xs.max() >= self.n):
+            raise IndexError(f"permutation of [0, {self.n}) applied to an index outside it")
+        x = self._once(xs.astype(np.uint64))
+        pending = np.nonzero(x >= _U64(self.n))[0]
+        while len(pending):
+            x[pending] = self._once(x[pending])
+            pending = pending[x[pending] >= _U64(self.n)]
+        return x.astype(np.int64)
+
+    def materialise(self) -> np.ndarray:
+        """int64 [n]: the permutation applied to 0..n-1."""
+        if native_enabled():
+            return helpers.feistel_permutation(self.n, self.keys)
+        return self(np.arange(self.n, dtype=np.int64))
+
+
+def build_sample_index_ordered(
+    doc_lengths: np.ndarray, order: np.ndarray, seq_length: int, num_samples: int
+) -> np.ndarray:
+    """:func:`build_sample_index` over the documents visited in ``order`` (no gathered copy when native)."""
+    if native_enabled():
+        return helpers.build_sample_index_ordered(
+            np.ascontiguousarray(doc_lengths, dtype=np.int64),
+            np.ascontiguousarray(order, dtype=np.int64),
+            int(seq_length),
+            int(num_samples),
+        )
+    return build_sample_index(np.asarray(doc_lengths)[order], seq_length, num_samples)
+
+
+def build_epoch_indices(
+    doc_lengths: np.ndarray,
+    seq_length: int,
+    num_samples: int,
+    doc_rng: np.random.Generator | None,
+    sample_rng: np.random.Generator | None,
+) -> tuple[np.ndarray, np.ndarray, Permutation | None]:
+    """One epoch's indices: document order [n_docs], sample index [S+1, 2] and the sample shuffle.
+
+    ``doc_rng``/``sample_rng`` None keep the natural order. This is the whole per-epoch cost of packing
+    (measured by benchmarks/bench_sequences.py); the sample shuffle is evaluated lazily per lookup.
+    """
+    n = len(doc_lengths)
+    order = Permutation(n, doc_rng).materialise() if doc_rng is not None else np.arange(n, dtype=np.int64)
+    sample_index = build_sample_index_ordered(doc_lengths, order, seq_length, num_samples)
+    shuffle = Permutation(num_samples, sample_rng) if sample_rng is not None else None
+    return order, sample_index, shuffle
+
+
 @dataclass
 class _Epoch:
-    doc_shard: np.ndarray  # int32 [n_docs] shard of each document, in this epoch's order
-    doc_start: np.ndarray  # int64 [n_docs] token offset of each document inside its shard's token array
-    doc_len: np.ndarray  # int64 [n_docs]
-    sample_index: np.ndarray  # int64 [S + 1, 2]
-    shuffle: np.ndarray  # int64 [S] epoch sample visited at each position
+    order: np.ndarray  # int64 [n_docs] document visited at each epoch position
+    sample_index: np.ndarray  # int64 [S + 1, 2] (epoch position, token offset) of each sample start
+    shuffle: Permutation | None  # epoch sample visited at each position (None: natural order)
+
+    def samples(self, positions: np.ndarray) -> np.ndarray:
+        return positions if self.shuffle is None else self.shuffle(positions)
 
 
 class DomainSequences:
@@ -168,37 +259,49 @@ class DomainSequences:
             self._epochs.move_to_end(e)
             return cached
         if e > 0 and not self._warned_wrap:
-            logger.info("domain %r (%s) starts epoch %d with a new document order and shuffle", self.name, self.split, e)
+            logger.info(
+                "domain %r (%s) starts epoch %d with a new document order and shuffle",
+                self.name,
+                self.split,
+                e,
+            )
             self._warned_wrap = True
-        if self.shuffle:
-            order = self._rng(e, _DOC_ORDER).permutation(self.num_documents)
-            doc_len = self._doc_len[order]
-            built = _Epoch(self._doc_shard[order], self._doc_start[order], doc_len, None, None)  # type: ignore[arg-type]
-        else:
-            built = _Epoch(self._doc_shard, self._doc_start, self._doc_len, None, None)  # type: ignore[arg-type]
-        built.sample_index = build_sample_index(built.doc_len, self.seq_length, self.samples_per_epoch)
-        if self.shuffle:
-            built.shuffle = self._rng(e, _SAMPLE_SHUFFLE).permutation(self.samples_per_epoch).astype(np.int64)
-        else:
-            built.shuffle = np.arange(self.samples_per_epoch, dtype=np.int64)
+        built = _Epoch(
+            *build_epoch_indices(
+                self._doc_len,
+                self.seq_length,
+                self.samples_per_epoch,
+                self._rng(e, _DOC_ORDER) if self.shuffle else None,
+                self._rng(e, _SAMPLE_SHUFFLE) if self.shuffle else None,
+            )
+        )
         self._epochs[e] = built
         while len(self._epochs) > 2:
             self._epochs.popitem(last=False)
         return built
 
-    def get_batch(self, ks: np.ndarray, out_dtype: np.dtype | None = None) -> np.ndarray:
-        """Samples ``ks`` (int64, any values >= 0) as a [len(ks), L+1] array (shard dtype unless ``out_dtype``)."""
+    def get_batch(
+        self, ks: np.ndarray, out_dtype: np.dtype | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Samples ``ks`` (int64, any values >= 0) as a [len(ks), L+1] array (shard dtype unless ``out_dtype``).
+
+        ``out``: an optional C-contiguous [len(ks), L+1] buffer to fill (reusing one avoids page faults on
+        fresh allocations in tight loops).
+        """
         ks = np.asarray(ks, dtype=np.int64).reshape(-1)
         if len(ks) and ks.min() < 0:
             raise IndexError(f"domain {self.name!r}: negative sample index {int(ks.min())}")
-        out = np.empty((len(ks), self.seq_length + 1), dtype=out_dtype or self.dtype)
+        if out is None:
+            out = np.empty((len(ks), self.seq_length + 1), dtype=out_dtype or self.dtype)
+        elif out.shape != (len(ks), self.seq_length + 1) or not out.flags["C_CONTIGUOUS"]:
+            raise ValueError(f"out must be C-contiguous with shape {(len(ks), self.seq_length + 1)}, got {out.shape}")
         if not len(ks):
             return out
         epochs = ks // self.samples_per_epoch
         for e in np.unique(epochs):
             rows = np.nonzero(epochs == e)[0]
             ep = self.epoch(int(e))
-            j = ep.shuffle[ks[rows] % self.samples_per_epoch]
+            j = ep.samples(ks[rows] % self.samples_per_epoch)
             start_doc = ep.sample_index[j, 0]
             start_off = ep.sample_index[j, 1]
             if len(rows) == len(ks):
@@ -216,21 +319,23 @@ class DomainSequences:
         if native_enabled():
             helpers.gather_samples(
                 self._tokens,
-                ep.doc_shard,
-                ep.doc_start,
-                ep.doc_len,
+                ep.order,
+                self._doc_shard,
+                self._doc_start,
+                self._doc_len,
                 np.ascontiguousarray(start_doc),
                 np.ascontiguousarray(start_off),
                 out,
             )
             return
         width = out.shape[1]
-        for row, (doc, off) in enumerate(zip(start_doc.tolist(), start_off.tolist())):
+        for row, (pos, off) in enumerate(zip(start_doc.tolist(), start_off.tolist())):
             filled = 0
             while filled < width:
-                take = min(int(ep.doc_len[doc]) - off, width - filled)
-                begin = int(ep.doc_start[doc]) + off
-                out[row, filled : filled + take] = self._tokens[ep.doc_shard[doc]][begin : begin + take]
+                doc = int(ep.order[pos])
+                take = min(int(self._doc_len[doc]) - off, width - filled)
+                begin = int(self._doc_start[doc]) + off
+                out[row, filled : filled + take] = self._tokens[self._doc_shard[doc]][begin : begin + take]
                 filled += take
-                doc += 1
+                pos += 1
                 off = 0
