@@ -33,7 +33,9 @@ def rate(fn, count: int, min_seconds: float = 1.0) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=100_000_000)
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=256)
@@ -50,7 +52,9 @@ def main() -> None:
         shard = IndexedDataset(prefix)
         ds = DomainSequences("bench", [shard], "train", (0, shard.num_documents), L, seed=1)
         flat = shard.tokens
-        print(f"{shard.num_documents:,} documents, {shard.num_tokens:,} tokens, L={L}: {len(ds):,} samples/epoch")
+        print(
+            f"{shard.num_documents:,} documents, {shard.num_tokens:,} tokens, L={L}: {len(ds):,} samples/epoch"
+        )
         np.asarray(flat).sum()  # warm the page cache
 
         ks_batches = [rng.integers(0, len(ds), size=args.batch) for _ in range(64)]

@@ -31,7 +31,9 @@ def best_of(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--docs", type=int, default=10_000_000)
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--mean-doc-tokens", type=float, default=600.0)
@@ -41,13 +43,21 @@ def main() -> None:
     rng = np.random.default_rng(0)
     # heavy-tailed document lengths, like web text: lognormal with the requested mean
     sigma = 1.0
-    lengths = rng.lognormal(np.log(args.mean_doc_tokens) - sigma**2 / 2, sigma, size=args.docs).astype(np.int64) + 1
+    lengths = (
+        rng.lognormal(np.log(args.mean_doc_tokens) - sigma**2 / 2, sigma, size=args.docs).astype(np.int64) + 1
+    )
     num_samples = (int(lengths.sum()) - 1) // args.seq_length
-    print(f"{args.docs:,} documents, {int(lengths.sum()):,} tokens, L={args.seq_length}: {num_samples:,} samples/epoch")
+    print(
+        f"{args.docs:,} documents, {int(lengths.sum()):,} tokens, L={args.seq_length}: {num_samples:,} samples/epoch"
+    )
 
     def run() -> None:
         build_epoch_indices(
-            lengths, args.seq_length, num_samples, np.random.default_rng([1, 0]), np.random.default_rng([1, 1])
+            lengths,
+            args.seq_length,
+            num_samples,
+            np.random.default_rng([1, 0]),
+            np.random.default_rng([1, 1]),
         )
 
     def straightforward() -> None:

@@ -20,7 +20,9 @@ def _load() -> ModuleType | None:
     try:
         from megatron_doremi import _helpers
     except ImportError as exc:  # pragma: no cover - depends on the build
-        logger.warning("native extension megatron_doremi._helpers unavailable (%s); using numpy fallbacks", exc)
+        logger.warning(
+            "native extension megatron_doremi._helpers unavailable (%s); using numpy fallbacks", exc
+        )
         return None
     return _helpers
 

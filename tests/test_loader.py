@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from megatron_doremi.data.blending import BlendSchedule
 
+from megatron_doremi.data.blending import BlendSchedule
 from megatron_doremi.data.indexed import IndexedDatasetError
 from megatron_doremi.data.loader import DataError, MixtureDataLoader, build_domain_datasets, iter_eval_batches
 from megatron_doremi.data.mixture import Mixture
@@ -75,7 +75,11 @@ def test_resume_from_state_is_exact_even_with_another_world_size(mixture):
     first = _loader(mixture)
     for _ in range(3):
         first.next_batch()
-    first.set_weights([0.1, 0.1, 0.8])  # a schedule segment must survive the checkpoint too
+    first.set_weights([0.5, 0.5, 0.0])
+    first.set_weights(
+        [0.1, 0.1, 0.8]
+    )  # replaces the unused segment; a segment must survive the checkpoint too
+    assert first.schedule.num_segments == 2
     state = json.loads(json.dumps(first.state_dict()))
     after_switch = [_flatten(first.next_batch())[0] for _ in range(5)]
     for world in (1, 2):

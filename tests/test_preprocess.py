@@ -378,3 +378,15 @@ def test_sigkill_leaves_no_final_files_and_next_run_cleans_temps(tok_json, tmp_p
         "big_text_document.bin",
         "big_text_document.idx",
     ]
+
+
+def test_input_that_cannot_be_read_as_a_file(tok_json, tmp_path, capsys):
+    """Runs as root too (where mode-000 files stay readable): a directory given as an input file."""
+    bad = tmp_path / "adir.jsonl"
+    bad.mkdir()
+    assert (
+        run_main(["--input", str(bad), "--output-prefix", str(tmp_path / "p"), "--tokenizer", tok_json]) == 1
+    )
+    err = capsys.readouterr().err
+    assert "adir.jsonl is a directory" in err
+    assert not list(tmp_path.glob("p_*"))

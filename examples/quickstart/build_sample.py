@@ -11,7 +11,6 @@ plus this interpreter's own standard library. See SOURCES.md beside this file fo
 from __future__ import annotations
 
 import argparse
-import base64
 import gzip
 import json
 import os
@@ -56,7 +55,9 @@ def scripture(max_bytes: int) -> list[dict]:
     docs, total = [], 0
     for book in KJV_BOOKS:
         for chapter in range(1, 200):
-            out = subprocess.run(["bible", "-f", f"{book}{chapter}:1-200"], capture_output=True, text=True).stdout
+            out = subprocess.run(
+                ["bible", "-f", f"{book}{chapter}:1-200"], capture_output=True, text=True
+            ).stdout
             lines = [v for v in out.strip().splitlines() if v.strip()]
             first = re.match(r"^\S*?(\d+):1\s", lines[0]) if lines else None
             if first is None or int(first.group(1)) != chapter:
@@ -88,7 +89,9 @@ def code(max_bytes: int, max_file_bytes: int = 24000) -> list[dict]:
     stdlib = sysconfig.get_paths()["stdlib"]
     files = []
     for root, dirs, names in os.walk(stdlib):
-        dirs[:] = sorted(d for d in dirs if d not in {"test", "tests", "idlelib", "site-packages", "__pycache__"})
+        dirs[:] = sorted(
+            d for d in dirs if d not in {"test", "tests", "idlelib", "site-packages", "__pycache__"}
+        )
         files += [os.path.join(root, n) for n in sorted(names) if n.endswith(".py")]
     random.Random(0).shuffle(files)
     out, total = [], 0
@@ -128,7 +131,9 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "data"))
     parser.add_argument("--bytes-per-domain", type=int, default=1_100_000)
     parser.add_argument("--dictd-dir", default="/usr/share/dictd")

@@ -126,9 +126,9 @@ class MixtureDataLoader:
         per_rank = self.global_batch_size // self.world_size
         return base + self.rank * per_rank, base + (self.rank + 1) * per_rank
 
-    def read_samples(self, global_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Token samples [n, L+1] (int64) and domain ids [n] of the given global sample indices."""
-        domains, indices = self.schedule.lookup(np.asarray(global_indices, dtype=np.int64))
+    def read_samples(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token samples [count, L+1] (int64) and domain ids [count] of global samples [first, first+count)."""
+        domains, indices = self.schedule.lookup_range(first, count)
         width = self.datasets[0].seq_length + 1
         out = np.empty((len(domains), width), dtype=np.int64)
         for d in np.unique(domains):
@@ -139,14 +139,23 @@ class MixtureDataLoader:
     def next_batch(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the next global batch; advances ``consumed_samples`` by B."""
         lo, hi = self.global_sample_range()
-        samples, domains = self.read_samples(np.arange(lo, hi, dtype=np.int64))
+        samples, domains = self.read_samples(lo, hi - lo)
         self.consumed_samples += self.global_batch_size
         mb = self.micro_batch_size
         return [samples_to_batch(samples[s : s + mb], domains[s : s + mb]) for s in range(0, hi - lo, mb)]
 
     def set_weights(self, weights: Sequence[float]) -> None:
-        """Sample with new weights from the next unconsumed global sample on (appends a schedule segment)."""
-        self.schedule.append_segment(self.consumed_samples, weights)
+        """Sample with new weights from the next unconsumed global sample on (appends a schedule segment).
+
+        Called again before any sample of the last segment was consumed, it replaces that segment's weights.
+        """
+        segments = self.schedule.segments
+        if segments[-1][0] == self.consumed_samples:
+            state = self.schedule.state_dict()
+            state["segments"][-1][1] = [float(w) for w in weights]
+            self.schedule = BlendSchedule.from_state_dict(state)
+        else:
+            self.schedule.append_segment(self.consumed_samples, weights)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state: consumed samples and the blend schedule."""

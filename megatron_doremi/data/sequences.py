@@ -294,7 +294,9 @@ class DomainSequences:
         if out is None:
             out = np.empty((len(ks), self.seq_length + 1), dtype=out_dtype or self.dtype)
         elif out.shape != (len(ks), self.seq_length + 1) or not out.flags["C_CONTIGUOUS"]:
-            raise ValueError(f"out must be C-contiguous with shape {(len(ks), self.seq_length + 1)}, got {out.shape}")
+            raise ValueError(
+                f"out must be C-contiguous with shape {(len(ks), self.seq_length + 1)}, got {out.shape}"
+            )
         if not len(ks):
             return out
         epochs = ks // self.samples_per_epoch

@@ -1,0 +1,41 @@
+"""The README's main command on the shipped sample (smaller blend so it stays quick)."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+from megatron_doremi.data.mixture import Mixture
+
+
+def test_quickstart_prints_counts_and_realised_proportions(tmp_path):
+    out = tmp_path / "qs"
+    cmd = [sys.executable, "-m", "megatron_doremi.quickstart", "--out", str(out), "--vocab-size", "2048"]
+    cmd += ["--steps", "50", "--workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    mixture = Mixture.from_json(out / "mixture.json")
+    assert mixture.names == ("code", "docs", "lexicon", "scripture")
+    assert (out / "data_path.txt").read_text().split()[1].endswith("code_text_document")
+    for name, weight in zip(mixture.names, mixture.weights):
+        row = re.search(rf"^{name}\s+(\d\.\d+)\s+(\d\.\d+)\s+([\d,]+)", text, re.MULTILINE)
+        assert row, f"no blend row for {name} in:\n{text}"
+        assert abs(float(row.group(1)) - weight) < 1e-4
+        assert abs(float(row.group(2)) - weight) < 2e-3  # realised share of 3,200 samples
+        docs_row = re.search(rf"^{name}\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)", text, re.MULTILINE)
+        assert int(docs_row.group(1).replace(",", "")) > 50  # documents
+    # weights are the token shares of the shards
+    tokens = np.array(
+        [
+            int(re.search(rf"^{n}\s+[\d,]+\s+([\d,]+)", text, re.MULTILINE).group(1).replace(",", ""))
+            for n in mixture.names
+        ]
+    )
+    np.testing.assert_allclose(mixture.weights, tokens / tokens.sum(), rtol=1e-9)
+    json.loads((out / "tokenizer" / "tokenizer.json").read_text())
+    # a second run reuses every output
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "shard exists" in again.stdout and "tokenizer exists" in again.stdout
