@@ -24,10 +24,36 @@ ext_modules = [
     ),
 ]
 
-# Room for the CUDA per-domain loss extension (issue: fused per-domain
-# cross-entropy): it is added here only when a CUDA build of torch and nvcc
-# are both present, otherwise the op is JIT-compiled on first use or the CPU
-# path is used.
+cmdclass = {"build_ext": build_ext}
+
+# The fused per-domain cross-entropy (megatron_doremi.ops): the CPU kernel always,
+# the CUDA kernel when this torch is a CUDA build and nvcc (CUDA_HOME) is present.
+# Without torch at build time both are JIT-compiled on first use instead
+# (megatron_doremi/ops/_build.py), and if that fails a chunked-torch path is used.
+# Set TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0") to choose the GPU architectures.
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - torch is installed first in every documented path
+    torch = None
+if torch is not None and os.environ.get("MEGATRON_DOREMI_SKIP_OPS_BUILD", "0") != "1":
+    ext_modules.append(
+        CppExtension(
+            "megatron_doremi._domain_loss_cpu",
+            ["csrc/domain_loss.cpp"],
+            extra_compile_args=["-O3", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+        )
+    )
+    if torch.version.cuda and CUDA_HOME:
+        ext_modules.append(
+            CUDAExtension(
+                "megatron_doremi._domain_loss_cuda",
+                ["csrc/domain_loss_cuda_binding.cpp", "csrc/domain_loss_cuda.cu"],
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+            )
+        )
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 setup(
     name="megatron-doremi",
@@ -37,16 +63,21 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "numpy>=1.24",
+        "torch>=2.1",
         "tokenizers>=0.15",
         "transformers>=4.40",
+        "safetensors>=0.4",
+        "deepspeed>=0.14",
+        "matplotlib>=3.6",
         "tqdm>=4.60",
     ],
     extras_require={
         "parquet": ["pyarrow>=12"],
-        "plot": ["matplotlib>=3.6"],
-        "test": ["pytest>=7", "pyarrow>=12", "ruff>=0.4"],
+        "regmix": ["lightgbm>=4.0", "scipy>=1.10"],
+        "tensorboard": ["tensorboard>=2.10"],
+        "test": ["pytest>=7", "pyarrow>=12", "ruff>=0.4", "lightgbm>=4.0", "scipy>=1.10"],
     },
     ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
+    cmdclass=cmdclass,
     zip_safe=False,
 )

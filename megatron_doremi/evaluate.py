@@ -1,0 +1,115 @@
+"""Per-domain evaluation of a checkpoint (DeepSpeed ``global_step<N>`` or an HF export) on a held-out split.
+
+    python -m megatron_doremi.evaluate --config run.json --checkpoint runs/x/checkpoints [--split valid]
+    deepspeed --num_gpus 8 --module megatron_doremi.evaluate --config run.json --checkpoint runs/x/hf
+
+``--checkpoint`` is a checkpoint directory with a ``latest`` file, a ``global_step<N>`` directory, or an HF model
+directory (``config.json`` + weights). Prints the per-domain table (loss, perplexity, token-weighted and uniform
+averages, worst domain) and writes it as JSON with ``--output``. ``eval.eval_iters`` x ``global_batch_size``
+samples per domain, as in training (``--eval-iters`` overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m megatron_doremi.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="the run config the checkpoint was trained with")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint dir (with 'latest'), global_step<N> dir or HF dir"
+    )
+    p.add_argument(
+        "--split", default="valid", choices=("valid", "test", "train"), help="which split (default valid)"
+    )
+    p.add_argument("--eval-iters", type=int, default=None, help="override eval.eval_iters")
+    p.add_argument("--output", default=None, help="write the result JSON here")
+    p.add_argument(
+        "--dump-logits", default=None, help="save rank 0's first micro-batch per domain (input_ids, logits)"
+    )
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ckpt = args.checkpoint
+    overrides = list(args.overrides)
+    is_hf = os.path.isfile(os.path.join(ckpt, "config.json"))
+    if is_hf:
+        overrides.append(f"model={json.dumps(ckpt)}")
+    if args.eval_iters is not None:
+        overrides.append(f"eval.eval_iters={args.eval_iters}")
+    overrides += [
+        "checkpoint.load=null",
+        "checkpoint.save=null",
+        "checkpoint.save_interval=0",
+        "checkpoint.export_hf=null",
+    ]
+    try:
+        from megatron_doremi.train import check_config
+        from megatron_doremi.training.checkpoint import resolve_checkpoint
+
+        cfg = check_config(args.config, overrides)
+        load_dir, tag = (None, None) if is_hf else resolve_checkpoint(ckpt)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from megatron_doremi.training.engine import Trainer
+    from megatron_doremi.training.metrics import format_eval_table
+
+    try:
+        trainer = Trainer(cfg, for_training=False, verbose=args.verbose)
+        if load_dir is not None:
+            trainer.resume(load_dir, tag)
+        dumped: dict[str, dict[str, torch.Tensor]] = {}
+
+        def on_batch(d: int, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> None:
+            name = trainer.names[d]
+            if args.dump_logits and trainer.rank == 0 and name not in dumped:
+                dumped[name] = {
+                    "input_ids": batch["input_ids"].clone(),
+                    "logits": logits.detach().float().cpu(),
+                }
+
+        result = trainer.evaluate(args.split, on_batch=on_batch)
+    except (ValueError, OSError) as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if result is None:
+        print(
+            f"error: the data has no {args.split!r} split (data.split={cfg.data['split']!r})", file=sys.stderr
+        )
+        return 1
+    if trainer.rank == 0:
+        result["checkpoint"] = os.path.abspath(ckpt)
+        print(
+            format_eval_table(result, f"{args.split} evaluation of {ckpt} (step {result['step']})"),
+            flush=True,
+        )
+        if args.output:
+            from megatron_doremi.training.checkpoint import atomic_write_text
+
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            atomic_write_text(args.output, json.dumps(result, indent=1) + "\n")
+        if args.dump_logits:
+            tmp = args.dump_logits + ".tmp"
+            torch.save(dumped, tmp)
+            os.replace(tmp, args.dump_logits)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

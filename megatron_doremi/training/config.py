@@ -1,0 +1,482 @@
+"""Run configuration: one JSON file per training run, ``--set key=value`` overrides, validation.
+
+Layout (every section optional except ``model``, ``data`` and ``schedule``; defaults below)::
+
+    {
+      "model": "examples/models/tiny.json"      # HF config dict file, a local HF model dir, or an inline dict
+      "tokenizer": "path/to/tokenizer",           # optional: local HF tokenizer dir or tokenizer.json (export)
+      "data": {"mixture": "mixture.json" | {...} | "0.3 p1 0.7 p2", "split": "98,1,1", "seed": null,
+               "blend_mode": "periodic" | "exact" (Megatron's greedy, bit for bit), "blend_period": 1048576},
+      "mixer": {"type": "static", "weights": null},   # weights: null = the mixture's, a list, or {name: w}
+      "schedule": {"seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr",
+                   "warmup_iters", "lr_decay_style": "cosine"|"linear"|"constant", "lr_decay_iters": null},
+      "eval": {"eval_interval": 0, "eval_iters": 1, "micro_batch_size": null},
+      "checkpoint": {"save": null, "save_interval": 0, "load": null, "export_hf": null},
+      "output_dir": "runs/run", "seed": 1234, "deepspeed_config": "examples/ds_configs/zero3.json",
+      "log_interval": 1, "progress_bar": true, "tensorboard": true, "activation_checkpointing": false,
+      "debug": {"dump_samples": false, "step_sleep_s": 0}   # test aids: per-rank sample hashes, a pause per step
+    }
+
+Relative paths are taken relative to the current working directory (like Megatron/DeepSpeed command lines),
+except shard prefixes inside a mixture JSON file, which are relative to that file. A ``model`` string ending in
+``.json`` is read into the config before overrides apply, so ``--set model.num_hidden_layers=4`` works.
+
+Overrides: ``--set schedule.lr=1e-4`` (dotted key, value parsed as JSON, else taken as a string).
+Errors raise :class:`ConfigError` naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "apply_overrides",
+    "load_run_config",
+    "parse_override",
+    "read_json",
+]
+
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+
+# section -> {key: default}; a key absent here is rejected (with a suggestion), except inside free-form values.
+_SCHEMA: dict[str, dict[str, Any]] = {
+    "data": {
+        "mixture": None,
+        "split": "98,1,1",
+        "seed": None,
+        "blend_mode": "periodic",
+        "blend_period": 2**20,
+    },
+    "schedule": {
+        "seq_length": None,
+        "micro_batch_size": None,
+        "global_batch_size": None,
+        "train_iters": None,
+        "lr": None,
+        "min_lr": 0.0,
+        "warmup_iters": 0,
+        "lr_decay_style": "cosine",
+        "lr_decay_iters": None,
+    },
+    "eval": {"eval_interval": 0, "eval_iters": 1, "micro_batch_size": None},
+    "checkpoint": {"save": None, "save_interval": 0, "load": None, "export_hf": None},
+    "debug": {"dump_samples": False, "step_sleep_s": 0.0},
+}
+_TOP_LEVEL: dict[str, Any] = {
+    "model": None,
+    "tokenizer": None,
+    "mixer": {"type": "static"},
+    "output_dir": "runs/run",
+    "seed": 1234,
+    "deepspeed_config": "examples/ds_configs/zero3.json",
+    "log_interval": 1,
+    "progress_bar": True,
+    "tensorboard": True,
+    "activation_checkpointing": False,
+    "description": "",
+}
+
+
+class ConfigError(ValueError):
+    """An invalid run or DeepSpeed configuration; the message names the source and the key."""
+
+
+# ---- JSON helpers ------------------------------------------------------------------------------------------------
+
+
+def _no_duplicates(source: str):
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise ConfigError(f"{source}: duplicate key {key!r}")
+            out[key] = value
+        return out
+
+    return hook
+
+
+def read_json(path: str | os.PathLike[str], what: str = "config") -> dict[str, Any]:
+    """Parse a JSON object file; ConfigError naming the file (and line) when missing, unreadable or invalid."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file {p} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} file {p}: cannot read ({exc.strerror})") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates(str(p)))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{p}:{exc.lineno}:{exc.colno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
+
+
+# ---- overrides ---------------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b.c=VALUE"`` -> (["a", "b", "c"], json.loads(VALUE) or the raw string when it is not JSON)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value (e.g. schedule.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: bad dotted key {key!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``config`` with each ``key=value`` override set (intermediate objects created as needed)."""
+    out = copy.deepcopy(config)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"--set {text!r}: {where} is a {type(child).__name__}, not an object")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+# ---- the config object -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    """A validated run configuration (see the module docstring for the meaning of every field)."""
+
+    model: dict[str, Any] | str  # HF config dict, or a local pretrained model directory
+    data: dict[str, Any]
+    schedule: dict[str, Any]
+    mixer: dict[str, Any] = field(default_factory=lambda: {"type": "static"})
+    eval: dict[str, Any] = field(default_factory=dict)
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    debug: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    output_dir: str = "runs/run"
+    seed: int = 1234
+    deepspeed_config: dict[str, Any] | str = "examples/ds_configs/zero3.json"
+    log_interval: int = 1
+    progress_bar: bool = True
+    tensorboard: bool = True
+    activation_checkpointing: bool = False
+    description: str = ""
+    source: str = "config"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    # convenience accessors
+    @property
+    def seq_length(self) -> int:
+        return int(self.schedule["seq_length"])
+
+    @property
+    def micro_batch_size(self) -> int:
+        return int(self.schedule["micro_batch_size"])
+
+    @property
+    def global_batch_size(self) -> int:
+        return int(self.schedule["global_batch_size"])
+
+    @property
+    def train_iters(self) -> int:
+        return int(self.schedule["train_iters"])
+
+    @property
+    def data_seed(self) -> int:
+        seed = self.data.get("seed")
+        return int(self.seed if seed is None else seed)
+
+    @property
+    def eval_micro_batch_size(self) -> int:
+        mbs = self.eval.get("micro_batch_size")
+        return int(self.micro_batch_size if mbs is None else mbs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration as JSON-able data (written to the run directory)."""
+        return {
+            "model": self.model,
+            "tokenizer": self.tokenizer,
+            "data": self.data,
+            "mixer": self.mixer,
+            "schedule": self.schedule,
+            "eval": self.eval,
+            "checkpoint": self.checkpoint,
+            "debug": self.debug,
+            "output_dir": self.output_dir,
+            "seed": self.seed,
+            "deepspeed_config": self.deepspeed_config,
+            "log_interval": self.log_interval,
+            "progress_bar": self.progress_bar,
+            "tensorboard": self.tensorboard,
+            "activation_checkpointing": self.activation_checkpointing,
+            "description": self.description,
+        }
+
+
+def _unknown(source: str, key: str, allowed: Mapping[str, Any]) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], list(allowed), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(sorted(allowed))}"
+    return ConfigError(f"{source}: unknown key {key!r}{hint}")
+
+
+def _int(source: str, key: str, value: Any, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{source}: {key} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _float(source: str, key: str, value: Any, minimum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{source}: {key} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{source}: {key} must be >= {minimum}, got {value}")
+    return value
+
+
+def _section(source: str, raw: dict[str, Any], name: str, required: Sequence[str] = ()) -> dict[str, Any]:
+    schema = _SCHEMA[name]
+    given = raw.get(name, {})
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{source}: {name} must be an object, got {type(given).__name__}")
+    for key in given:
+        if key not in schema:
+            raise _unknown(source, f"{name}.{key}", schema)
+    out = {**schema, **given}
+    for key in required:
+        if out.get(key) is None:
+            raise ConfigError(f"{source}: {name}.{key} is required")
+    return out
+
+
+def _existing_path(source: str, key: str, value: Any, kind: str = "path") -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{source}: {key} must be a non-empty path string, got {value!r}")
+    if not os.path.exists(value):
+        raise ConfigError(f"{source}: {key}: {kind} {value!r} does not exist")
+    return value
+
+
+def _validate_model(source: str, model: Any) -> dict[str, Any] | str:
+    if isinstance(model, dict):
+        if "model_type" not in model:
+            raise ConfigError(f"{source}: model: an HF config dict needs 'model_type' (e.g. \"llama\")")
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
+            if key in model:
+                _int(source, f"model.{key}", model[key], 1)
+        return model
+    if isinstance(model, str):
+        _existing_path(source, "model", model, "model directory")
+        if not os.path.isdir(model):
+            raise ConfigError(f"{source}: model: expected an HF config .json file or a local model directory")
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise ConfigError(
+                f"{source}: model: directory {model!r} has no config.json (not an HF model directory)"
+            )
+        return model
+    raise ConfigError(
+        f"{source}: model is required: an HF config dict, a .json file or a local model directory"
+    )
+
+
+def _validate_mixture(source: str, mixture: Any) -> None:
+    # Mixture errors already name file and key; check here that the shards exist so a run fails before launch.
+    from megatron_doremi.data.mixture import Mixture, MixtureError
+
+    if mixture is None:
+        raise ConfigError(
+            f"{source}: data.mixture is required (a mixture JSON path, an object or a --data-path string)"
+        )
+    try:
+        mix = Mixture.load(mixture)
+    except MixtureError as exc:
+        raise ConfigError(f"{source}: data.mixture: {exc}") from None
+    for dom in mix.domains:
+        for prefix in dom.prefixes:
+            for suffix in (".bin", ".idx"):
+                if not os.path.isfile(prefix + suffix):
+                    raise ConfigError(
+                        f"{source}: data.mixture: domain {dom.name!r}: shard file {prefix + suffix} does not exist"
+                    )
+
+
+def validate_run_config(raw: dict[str, Any], source: str = "config", check_files: bool = True) -> RunConfig:
+    """Check every key of a raw (overridden) config dict and return a :class:`RunConfig`."""
+    allowed = {**_TOP_LEVEL, **{name: None for name in _SCHEMA}}
+    for key in raw:
+        if key not in allowed:
+            raise _unknown(source, key, allowed)
+    model = _validate_model(source, raw.get("model"))
+
+    data = _section(source, raw, "data", required=("mixture",))
+    if check_files:
+        _validate_mixture(source, data["mixture"])
+    if not isinstance(data["split"], str):
+        raise ConfigError(f'{source}: data.split must be a string like "98,1,1", got {data["split"]!r}')
+    if data["seed"] is not None:
+        _int(source, "data.seed", data["seed"], 0)
+    if data["blend_mode"] not in ("periodic", "exact"):
+        raise ConfigError(
+            f'{source}: data.blend_mode must be "periodic" or "exact", got {data["blend_mode"]!r}'
+        )
+    data["blend_period"] = _int(source, "data.blend_period", data["blend_period"], 1)
+
+    sched = _section(
+        source,
+        raw,
+        "schedule",
+        required=("seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr"),
+    )
+    for key in ("seq_length", "micro_batch_size", "global_batch_size"):
+        sched[key] = _int(source, f"schedule.{key}", sched[key], 1)
+    sched["train_iters"] = _int(source, "schedule.train_iters", sched["train_iters"], 0)
+    sched["warmup_iters"] = _int(source, "schedule.warmup_iters", sched["warmup_iters"], 0)
+    sched["lr"] = _float(source, "schedule.lr", sched["lr"], 0.0)
+    sched["min_lr"] = _float(source, "schedule.min_lr", sched["min_lr"], 0.0)
+    if sched["min_lr"] > sched["lr"]:
+        raise ConfigError(
+            f"{source}: schedule.min_lr ({sched['min_lr']}) must be <= schedule.lr ({sched['lr']})"
+        )
+    if sched["lr_decay_style"] not in LR_DECAY_STYLES:
+        raise ConfigError(
+            f"{source}: schedule.lr_decay_style must be one of {', '.join(LR_DECAY_STYLES)}, "
+            f"got {sched['lr_decay_style']!r}"
+        )
+    if sched["lr_decay_iters"] is None:
+        sched["lr_decay_iters"] = sched["train_iters"]
+    sched["lr_decay_iters"] = _int(source, "schedule.lr_decay_iters", sched["lr_decay_iters"], 0)
+    if sched["global_batch_size"] % sched["micro_batch_size"]:
+        raise ConfigError(
+            f"{source}: schedule.global_batch_size ({sched['global_batch_size']}) must be a multiple of "
+            f"schedule.micro_batch_size ({sched['micro_batch_size']})"
+        )
+
+    ev = _section(source, raw, "eval")
+    ev["eval_interval"] = _int(source, "eval.eval_interval", ev["eval_interval"], 0)
+    ev["eval_iters"] = _int(source, "eval.eval_iters", ev["eval_iters"], 0)
+    if ev["micro_batch_size"] is not None:
+        ev["micro_batch_size"] = _int(source, "eval.micro_batch_size", ev["micro_batch_size"], 1)
+
+    ckpt = _section(source, raw, "checkpoint")
+    ckpt["save_interval"] = _int(source, "checkpoint.save_interval", ckpt["save_interval"], 0)
+    for key in ("save", "load", "export_hf"):
+        if ckpt[key] is not None and (not isinstance(ckpt[key], str) or not ckpt[key]):
+            raise ConfigError(f"{source}: checkpoint.{key} must be a path string or null, got {ckpt[key]!r}")
+    if ckpt["save_interval"] and not ckpt["save"]:
+        raise ConfigError(
+            f"{source}: checkpoint.save_interval is set but checkpoint.save (a directory) is not"
+        )
+    if ckpt["export_hf"] and not ckpt["save"]:
+        raise ConfigError(
+            f"{source}: checkpoint.export_hf exports from the final checkpoint: set checkpoint.save too"
+        )
+
+    debug = _section(source, raw, "debug")
+    debug["step_sleep_s"] = _float(source, "debug.step_sleep_s", debug["step_sleep_s"], 0.0)
+
+    mixer = raw.get("mixer", _TOP_LEVEL["mixer"])
+    if not isinstance(mixer, dict) or not isinstance(mixer.get("type", "static"), str):
+        raise ConfigError(
+            f'{source}: mixer must be an object with a string \'type\' (e.g. {{"type": "static"}})'
+        )
+    mixer = {"type": "static", **mixer}
+
+    tokenizer = raw.get("tokenizer")
+    if tokenizer is not None and check_files:
+        _existing_path(source, "tokenizer", tokenizer, "tokenizer")
+
+    ds_config = raw.get("deepspeed_config", _TOP_LEVEL["deepspeed_config"])
+    if isinstance(ds_config, str):
+        if check_files:
+            _existing_path(source, "deepspeed_config", ds_config, "DeepSpeed config file")
+    elif not isinstance(ds_config, dict):
+        raise ConfigError(f"{source}: deepspeed_config must be a path to a DeepSpeed JSON file or an object")
+
+    output_dir = raw.get("output_dir", _TOP_LEVEL["output_dir"])
+    if not isinstance(output_dir, str) or not output_dir:
+        raise ConfigError(f"{source}: output_dir must be a non-empty path string, got {output_dir!r}")
+    log_interval = _int(source, "log_interval", raw.get("log_interval", 1), 1)
+    seed = _int(source, "seed", raw.get("seed", _TOP_LEVEL["seed"]), 0)
+    for key in ("progress_bar", "tensorboard", "activation_checkpointing"):
+        if not isinstance(raw.get(key, _TOP_LEVEL[key]), bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {raw[key]!r}")
+    return RunConfig(
+        model=model,
+        data=data,
+        schedule=sched,
+        mixer=mixer,
+        eval=ev,
+        checkpoint=ckpt,
+        debug=debug,
+        tokenizer=tokenizer,
+        output_dir=output_dir,
+        seed=seed,
+        deepspeed_config=ds_config,
+        log_interval=log_interval,
+        progress_bar=bool(raw.get("progress_bar", True)),
+        tensorboard=bool(raw.get("tensorboard", True)),
+        activation_checkpointing=bool(raw.get("activation_checkpointing", False)),
+        description=str(raw.get("description", "")),
+        source=source,
+        raw=raw,
+    )
+
+
+def load_run_config(
+    path: str | os.PathLike[str] | None,
+    overrides: Sequence[str] = (),
+    base: dict[str, Any] | None = None,
+    check_files: bool = True,
+) -> RunConfig:
+    """Read a run config file (or start from ``base``), inline a ``model`` .json file, apply overrides, validate."""
+    if path is not None:
+        raw = read_json(path, "run config")
+        source = str(path)
+    else:
+        raw = copy.deepcopy(base or {})
+        source = "config"
+    raw = _inline_model(raw, source)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        raw = _inline_model(raw, source)
+        source = f"{source} (with --set overrides)"
+    return validate_run_config(raw, source, check_files=check_files)
+
+
+def _inline_model(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    model = raw.get("model")
+    if isinstance(model, str) and model.endswith(".json"):
+        if not os.path.isfile(model):
+            raise ConfigError(f"{source}: model: HF config file {model!r} does not exist")
+        raw = {**raw, "model": read_json(model, "model config")}
+    return raw

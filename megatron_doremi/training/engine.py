@@ -1,0 +1,553 @@
+"""The training loop: DeepSpeed engine, mixture loader, mixer, per-domain loss, evaluation, checkpoints.
+
+One optimizer step (identical collective sequence on every rank):
+
+1. ``m = mixer.loss_multipliers()`` (float64 [D]) and this rank's micro-batches of the next global batch;
+2. all-reduce of the per-domain scored-token counts ``n`` (fp64 [D]); the global normaliser is ``N = sum m*n``;
+3. for each micro-batch: ``logits = engine(input_ids).logits`` (the model never computes the loss), then
+   ``domain_cross_entropy(..., loss_scale_per_domain=m, normalizer=N / (accum * world))``, ``engine.backward``,
+   ``engine.step`` (DeepSpeed divides by the accumulation steps and averages over ranks, so the gradient is that
+   of ``sum_global m*loss / N``);
+4. all-reduce of the per-domain loss / excess sums and counts; ``mixer.observe`` those global numbers and, when
+   it changes its sampling weights, ``loader.set_weights``.
+
+Hook for mixers that need a reference model (DoReMi): override :meth:`Trainer.reference_token_loss`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_doremi.ops.domain_loss import domain_cross_entropy, domain_token_counts
+from megatron_doremi.training import dist
+from megatron_doremi.training.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    read_latest,
+    save_checkpoint,
+)
+from megatron_doremi.training.config import ConfigError, RunConfig
+from megatron_doremi.training.ds_config import resolve_deepspeed_config, zero_stage
+from megatron_doremi.training.evaluation import evaluate_domains
+from megatron_doremi.training.lr_schedule import make_lr_scheduler, schedule_fn
+from megatron_doremi.training.metrics import (
+    JsonlLog,
+    TensorBoard,
+    format_duration,
+    format_eval_table,
+    stderr_is_tty,
+)
+
+logger = logging.getLogger("megatron_doremi.train")
+
+__all__ = ["Trainer", "setup_logging"]
+
+
+def setup_logging(rank: int, verbose: bool = False) -> None:
+    """Rank 0 logs INFO to stderr, other ranks WARNING; DeepSpeed's chatter only with ``verbose``."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if not verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+        try:
+            from deepspeed.utils import logger as ds_logger
+
+            ds_logger.setLevel(logging.WARNING)
+        except Exception:  # noqa: BLE001 - logging only
+            pass
+        logging.getLogger("torch.distributed").setLevel(logging.WARNING)
+
+
+def _sample_hashes(batch: dict[str, torch.Tensor]) -> list[str]:
+    tokens = torch.cat([batch["input_ids"][:, :1], batch["labels"]], dim=1).to(torch.int64).numpy()
+    return [hashlib.blake2b(row.tobytes(), digest_size=8).hexdigest() for row in tokens]
+
+
+class Trainer:
+    """Builds everything from a :class:`RunConfig` and runs training (``train``) or evaluation (``evaluate``).
+
+    Args:
+        cfg: validated run config.
+        for_training: False builds the same engine but skips the loader (standalone evaluation).
+        verbose: keep DeepSpeed's INFO logs.
+    """
+
+    def __init__(self, cfg: RunConfig, for_training: bool = True, verbose: bool = False) -> None:
+        self.cfg = cfg
+        self.denv = dist.init_distributed()
+        self.rank, self.world_size = self.denv.rank, self.denv.world_size
+        setup_logging(self.rank, verbose)
+        self.device = dist.device()
+        self.on_gpu = self.device.type == "cuda"
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        logger.info(
+            "launch: %s, world size %d, device %s, backend %s",
+            self.denv.launcher,
+            self.world_size,
+            self.device,
+            torch.distributed.get_backend(),
+        )
+        self._build_data(for_training)
+        self._build_engine()
+        self.step = 0
+        self.metrics = self.eval_log = self.tb = None
+        self._last_saved = -1
+        self._last_eval: dict[str, Any] | None = None
+        self._eval_step = -1
+
+    # ---- construction --------------------------------------------------------------------------------------
+
+    def _build_data(self, for_training: bool) -> None:
+        from megatron_doremi.data.blending import BlendSchedule
+        from megatron_doremi.data.loader import MixtureDataLoader, build_domain_datasets
+        from megatron_doremi.data.mixture import Mixture
+        from megatron_doremi.training.mixer_factory import build_mixer
+
+        cfg = self.cfg
+        self.mixture = Mixture.load(cfg.data["mixture"])
+        self.names = list(self.mixture.names)
+        self.num_domains = len(self.names)
+        t0 = time.time()
+        self.datasets = build_domain_datasets(self.mixture, cfg.seq_length, cfg.data["split"], cfg.data_seed)
+        logger.info(
+            "data: %d domains (%s), splits %s, built in %.2fs",
+            self.num_domains,
+            ", ".join(f"{n}={w:.3f}" for n, w in zip(self.names, self.mixture.weights)),
+            "/".join(self.datasets),
+            time.time() - t0,
+        )
+        self.mixer = build_mixer(cfg.mixer, self.mixture)
+        self.loader = None
+        if for_training:
+            schedule = BlendSchedule(
+                [(0, self.mixer.sampling_weights())],
+                period=cfg.data["blend_period"],
+                mode=cfg.data["blend_mode"],
+                names=self.names,
+            )
+            self.loader = MixtureDataLoader(
+                self.datasets["train"],
+                schedule,
+                cfg.global_batch_size,
+                cfg.micro_batch_size,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
+
+    def _build_engine(self) -> None:
+        import deepspeed
+
+        from megatron_doremi.training.model import (
+            build_model,
+            count_parameters,
+            model_hidden_size,
+            param_groups,
+        )
+
+        cfg = self.cfg
+        self.ds_config = resolve_deepspeed_config(
+            cfg, self.world_size, self.on_gpu, model_hidden_size(cfg.model)
+        )
+        self.grad_accum = int(self.ds_config["gradient_accumulation_steps"])
+        model = build_model(
+            cfg.model, self.ds_config, seed=cfg.seed, activation_checkpointing=cfg.activation_checkpointing
+        )
+        self.vocab_size = int(model.config.vocab_size)
+        self.hf_config = model.config.to_dict()
+        self.num_params = count_parameters(model)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model),
+            config=self.ds_config,
+            lr_scheduler=make_lr_scheduler(cfg.schedule),
+        )
+        self.engine = engine
+        self.lr_fn = schedule_fn(cfg.schedule)
+        precision = (
+            "bf16"
+            if self.ds_config["bf16"]["enabled"]
+            else "fp16"
+            if self.ds_config["fp16"]["enabled"]
+            else "fp32"
+        )
+        logger.info(
+            "model: %.2fM parameters, ZeRO stage %d, %s, micro %d x accum %d x world %d = global %d",
+            self.num_params / 1e6,
+            zero_stage(self.ds_config),
+            precision,
+            cfg.micro_batch_size,
+            self.grad_accum,
+            self.world_size,
+            cfg.global_batch_size,
+        )
+
+    # ---- hooks ---------------------------------------------------------------------------------------------
+
+    def reference_token_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Per-token loss [mb, L] of a reference model for ``batch`` (no grad), or None (no reference)."""
+        return None
+
+    # ---- checkpoint ----------------------------------------------------------------------------------------
+
+    def client_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "domain_names": self.names,
+            "loader": self.loader.state_dict() if self.loader is not None else None,
+            "mixer": self.mixer.state_dict(),
+            "global_batch_size": self.cfg.global_batch_size,
+            "seq_length": self.cfg.seq_length,
+        }
+
+    def save(self) -> None:
+        save_dir = self.cfg.checkpoint["save"]
+        t0 = time.time()
+        save_checkpoint(
+            self.engine,
+            save_dir,
+            self.step,
+            self.client_state(),
+            self.rank,
+            extra_json={
+                "hf_config.json": self.hf_config,
+                "run_config.json": self.cfg.to_dict(),
+                "ds_config.json": self.ds_config,
+            },
+        )
+        self._last_saved = self.step
+        logger.info("checkpoint: saved %s/global_step%d in %.1fs", save_dir, self.step, time.time() - t0)
+
+    def resume(self, load_dir: str | None = None, tag: str | None = None, module_only: bool = False) -> bool:
+        """Load ``tag`` (default: ``latest``) from ``load_dir`` (default: checkpoint.load); False if none."""
+        load_dir = load_dir or self.cfg.checkpoint.get("load")
+        if not load_dir:
+            return False
+        if tag is None and read_latest(load_dir) is None:
+            logger.info("checkpoint: nothing to resume in %s (no 'latest'); starting from scratch", load_dir)
+            return False
+        client = load_checkpoint(self.engine, load_dir, tag, self.rank, module_only=module_only)
+        assert client is not None
+        if client.get("domain_names") not in (None, self.names):
+            raise ConfigError(
+                f"checkpoint {load_dir} is for domains {client['domain_names']}, this run has {self.names}"
+            )
+        self.step = int(client.get("step", self.engine.global_steps))
+        if not module_only:
+            if self.loader is not None and client.get("loader") is not None:
+                self.loader.load_state_dict(client["loader"])
+            if client.get("mixer") is not None:
+                self.mixer.load_state_dict(client["mixer"])
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = self.lr_fn(self.step)
+        logger.info("checkpoint: resumed from %s/%s at step %d", load_dir, client["tag"], self.step)
+        return True
+
+    # ---- one step ------------------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its metrics record (identical loss numbers on every rank)."""
+        assert self.loader is not None
+        engine, dev, D = self.engine, self.device, self.num_domains
+        t0 = time.time()
+        lr = float(engine.get_lr()[0])
+        mult = self.mixer.loss_multipliers()
+        weights = self.mixer.sampling_weights()
+        consumed_before = self.loader.consumed_samples
+        batches = self.loader.next_batch()
+        if len(batches) != self.grad_accum:
+            raise RuntimeError(
+                f"loader gave {len(batches)} micro-batches, DeepSpeed expects {self.grad_accum}"
+            )
+        counts = torch.zeros(D, dtype=torch.float64)
+        for b in batches:
+            counts += domain_token_counts(b["labels"], b["domain_id"], D)
+            top = int(b["input_ids"].max())
+            if top >= self.vocab_size or int(b["labels"].max()) >= self.vocab_size:
+                raise ConfigError(
+                    f"data has token id {max(top, int(b['labels'].max()))} >= model vocab_size {self.vocab_size}; "
+                    "the shards were made with a different tokenizer, or model.vocab_size is too small"
+                )
+        counts = dist.all_reduce_sum(counts.to(dev))
+        normalizer = float((torch.from_numpy(mult).to(dev) * counts).sum()) / (
+            self.grad_accum * self.world_size
+        )
+        scale = torch.from_numpy(mult).to(device=dev, dtype=torch.float32)
+        stats = torch.zeros(3, D, dtype=torch.float64, device=dev)
+        if self.cfg.debug.get("dump_samples"):
+            self._dump_samples(batches, consumed_before)
+        t_data = time.time() - t0
+        for b in batches:
+            input_ids = b["input_ids"].to(dev, non_blocking=True)
+            labels = b["labels"].to(dev, non_blocking=True)
+            domain_id = b["domain_id"].to(dev, non_blocking=True)
+            ref = self.reference_token_loss(b)
+            logits = engine(input_ids=input_ids, use_cache=False).logits
+            out = domain_cross_entropy(
+                logits,
+                labels,
+                domain_id,
+                D,
+                ref_token_loss=ref,
+                loss_scale_per_domain=scale,
+                normalizer=normalizer,
+            )
+            engine.backward(out.loss)
+            engine.step()
+            stats[0] += out.domain_loss_sum
+            stats[1] += out.domain_excess_sum
+            stats[2] += out.domain_token_count
+            del logits, out
+        dist.all_reduce_sum(stats)
+        self.step += 1
+        grad_norm = engine.get_global_grad_norm()
+        stats_np = stats.cpu().numpy()
+        if self.mixer.observe(
+            self.step, {"loss_sum": stats_np[0], "excess_sum": stats_np[1], "token_count": stats_np[2]}
+        ):
+            self.loader.set_weights(self.mixer.sampling_weights())
+        loss_sum, token_count = stats_np[0], stats_np[2]
+        n_tokens = float(token_count.sum())
+        step_time = time.time() - t0
+        tokens = self.cfg.global_batch_size * self.cfg.seq_length
+        record = {
+            "step": self.step,
+            "loss": float(loss_sum.sum() / max(n_tokens, 1.0)),
+            "objective": float((mult * loss_sum).sum() / max(float((mult * token_count).sum()), 1e-12)),
+            "domain_loss": {
+                n: (float(s / c) if c > 0 else None) for n, s, c in zip(self.names, loss_sum, token_count)
+            },
+            "domain_tokens": {n: int(c) for n, c in zip(self.names, token_count)},
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens_per_s": tokens / step_time,
+            "step_time_s": step_time,
+            "data_time_s": t_data,
+            "consumed_samples": self.loader.consumed_samples,
+            "consumed_tokens": self.loader.consumed_samples * self.cfg.seq_length,
+            "domain_weights": {n: float(w) for n, w in zip(self.names, weights)},
+            **self.mixer.log_dict(),
+        }
+        if not np.all(mult == 1.0):
+            record["loss_multipliers"] = {n: float(m) for n, m in zip(self.names, mult)}
+        return record
+
+    def _dump_samples(self, batches: list[dict[str, torch.Tensor]], consumed_before: int) -> None:
+        path = os.path.join(self.cfg.output_dir, f"samples_rank{self.rank}.jsonl")
+        rec = {
+            "step": self.step + 1,
+            "rank": self.rank,
+            "consumed_before": consumed_before,
+            "samples": [h for b in batches for h in _sample_hashes(b)],
+            "domains": [int(d) for b in batches for d in b["domain_id"].tolist()],
+        }
+        with open(path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    # ---- evaluation ----------------------------------------------------------------------------------------
+
+    def eval_num_samples(self) -> int:
+        """Samples per domain per evaluation: ``eval_iters x global_batch_size`` (capped by each split's size)."""
+        return int(self.cfg.eval["eval_iters"]) * self.cfg.global_batch_size
+
+    def evaluate(self, split: str = "valid", on_batch: Any = None) -> dict[str, Any] | None:
+        """Collective: per-domain evaluation on ``split``; None when the split does not exist."""
+        if split not in self.datasets:
+            logger.warning(
+                "evaluation skipped: the data split has no %r part (data.split=%r)",
+                split,
+                self.cfg.data["split"],
+            )
+            return None
+        engine = self.engine
+        engine.eval()
+        t0 = time.time()
+
+        def forward(input_ids: torch.Tensor) -> torch.Tensor:
+            return engine(input_ids=input_ids, use_cache=False).logits
+
+        try:
+            result = evaluate_domains(
+                forward,
+                self.datasets[split],
+                self.names,
+                self.eval_num_samples(),
+                self.cfg.eval_micro_batch_size,
+                self.rank,
+                self.world_size,
+                self.device,
+                on_batch=on_batch,
+            )
+        finally:
+            engine.train()
+        result = {"step": self.step, "split": split, "eval_time_s": time.time() - t0, **result}
+        return result
+
+    def _run_eval(self, final: bool = False) -> None:
+        if int(self.cfg.eval["eval_iters"]) <= 0:
+            return
+        result = self.evaluate("valid")
+        self._eval_step = self.step
+        if result is None:
+            return
+        self._last_eval = result
+        if self.rank == 0:
+            assert self.eval_log is not None
+            self.eval_log.write(result)
+            flat = {k: v["loss"] for k, v in result["domains"].items()}
+            self.tb.scalars(
+                self.step,
+                {"eval_loss": flat, "eval": {k: result[k]["loss"] for k in ("token_weighted", "uniform")}},
+            )
+            if not final:  # the final table is part of the run summary
+                self._print(format_eval_table(result, f"eval at step {self.step} ({result['split']})"))
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+
+    def _print(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def _open_logs(self) -> None:
+        out = self.cfg.output_dir
+        if self.rank == 0:
+            os.makedirs(out, exist_ok=True)
+            atomic_write_text(
+                os.path.join(out, "run_config.json"), json.dumps(self.cfg.to_dict(), indent=1) + "\n"
+            )
+            atomic_write_text(
+                os.path.join(out, "ds_config.json"), json.dumps(self.ds_config, indent=1) + "\n"
+            )
+            self.metrics = JsonlLog(os.path.join(out, "metrics.jsonl"))
+            self.eval_log = JsonlLog(os.path.join(out, "eval.jsonl"))
+            # A resumed run continues the logs as if it had never stopped: drop lines past the checkpoint.
+            self.metrics.truncate_after(self.step)
+            self.eval_log.truncate_after(self.step)
+            self.tb = TensorBoard(os.path.join(out, "tensorboard"), self.cfg.tensorboard)
+        if self.cfg.debug.get("dump_samples"):
+            os.makedirs(out, exist_ok=True)
+            JsonlLog(os.path.join(out, f"samples_rank{self.rank}.jsonl")).truncate_after(self.step)
+        dist.barrier()
+
+    def train(self) -> dict[str, Any]:
+        """Resume if possible, train to ``train_iters``, evaluate, save, export; returns the run summary."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.resume()
+        self._open_logs()
+        total = cfg.train_iters
+        save_dir, save_interval = cfg.checkpoint["save"], cfg.checkpoint["save_interval"]
+        eval_interval = cfg.eval["eval_interval"]
+        show_bar = self.rank == 0 and cfg.progress_bar and stderr_is_tty()
+        self._bar = (
+            tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True) if show_bar else None
+        )
+        t_start, start_step = time.time(), self.step
+        last: dict[str, Any] = {}
+        tokens_seen = 0
+        while self.step < total:
+            last = self.train_step()
+            if cfg.debug["step_sleep_s"]:
+                time.sleep(cfg.debug["step_sleep_s"])
+            tokens_seen += cfg.global_batch_size * cfg.seq_length
+            if self.rank == 0:
+                self.metrics.write(last)
+                self.tb.scalars(self.step, {k: v for k, v in last.items() if k != "domain_tokens"}, "train/")
+                done = self.step - start_step
+                eta = (time.time() - t_start) / done * (total - self.step)
+                if self._bar is not None:
+                    self._bar.update(1)
+                    self._bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+                if self.step % cfg.log_interval == 0 or self.step == total:
+                    grad = "-" if last["grad_norm"] is None else f"{last['grad_norm']:.3f}"
+                    self._print(
+                        f"step {self.step}/{total} | loss {last['loss']:.4f} | lr {last['lr']:.3e} | grad {grad} | "
+                        f"{last['tokens_per_s']:,.0f} tok/s | eta {format_duration(eta)}"
+                    )
+            if eval_interval and self.step % eval_interval == 0 and self.step < total:
+                self._run_eval()
+            if save_dir and save_interval and self.step % save_interval == 0:
+                self.save()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        train_time = time.time() - t_start
+        if self._eval_step != self.step:
+            self._run_eval(final=True)
+        if save_dir and self._last_saved != self.step:
+            self.save()
+        export_dir = cfg.checkpoint.get("export_hf")
+        if export_dir and save_dir:
+            if self.rank == 0:
+                from megatron_doremi.training.export import export_hf
+
+                export_hf(
+                    os.path.join(save_dir, f"global_step{self.step}"), export_dir, tokenizer=cfg.tokenizer
+                )
+            dist.barrier()
+        summary = {
+            "steps": self.step,
+            "steps_this_run": self.step - start_step,
+            "train_time_s": train_time,
+            "tokens_per_s": tokens_seen / train_time if train_time > 0 else None,
+            "consumed_samples": self.loader.consumed_samples if self.loader else None,
+            "final_train_loss": last.get("loss"),
+            "parameters": self.num_params,
+            "world_size": self.world_size,
+            "export_hf": export_dir,
+        }
+        if self.rank == 0:
+            out = cfg.output_dir
+            if self._last_eval is not None:
+                atomic_write_text(
+                    os.path.join(out, "eval_summary.json"), json.dumps(self._last_eval, indent=1) + "\n"
+                )
+            atomic_write_text(os.path.join(out, "train_summary.json"), json.dumps(summary, indent=1) + "\n")
+            self.tb.close()
+            self._final_report(summary)
+        dist.barrier()
+        return summary
+
+    def _final_report(self, summary: dict[str, Any]) -> None:
+        loss = summary["final_train_loss"]
+        tps = summary["tokens_per_s"]
+        lines = [
+            "",
+            "=" * 60,
+            f"training done: step {summary['steps']} ({summary['steps_this_run']} this run) in "
+            f"{format_duration(summary['train_time_s'])}, {summary['parameters'] / 1e6:.2f}M parameters, "
+            f"world size {summary['world_size']}",
+            f"  final train loss {loss:.4f}" if loss is not None else "  no training steps this run",
+        ]
+        if tps:
+            lines.append(f"  throughput {tps:,.0f} tokens/s")
+        if self._last_eval is not None:
+            lines.append(
+                format_eval_table(self._last_eval, f"final evaluation (step {self._last_eval['step']})")
+            )
+        lines.append(f"  run directory: {self.cfg.output_dir}")
+        if summary["export_hf"]:
+            lines.append(f"  HF export: {summary['export_hf']}")
+        print("\n".join(lines), flush=True)
+
+    _bar: Any = None

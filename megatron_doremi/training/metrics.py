@@ -1,0 +1,102 @@
+"""Rank-0 observability: JSON-lines logs (resume-safe), optional TensorBoard, progress bar, summary table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["JsonlLog", "TensorBoard", "format_eval_table", "format_duration"]
+
+
+class JsonlLog:
+    """Append-only ``{"step": N, ...}`` lines. ``truncate_after(step)`` drops lines of later steps (atomic rewrite),
+    so a run resumed from step N continues the file as if it had never been interrupted."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        if not os.path.isfile(self.path):
+            return
+        kept = []
+        with open(self.path) as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+                    kept.append(json.dumps(rec) + "\n")
+        tmp = f"{self.path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as fh:
+            fh.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record, allow_nan=True) + "\n")
+
+
+class TensorBoard:
+    """Scalars to TensorBoard when ``torch.utils.tensorboard`` works (the tensorboard package is installed)."""
+
+    def __init__(self, log_dir: str, enabled: bool) -> None:
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception as exc:  # noqa: BLE001 - ImportError or a broken install: metrics.jsonl still has it all
+            logger.info("TensorBoard not available (%s); metrics go to metrics.jsonl only", exc)
+            return
+        self.writer = SummaryWriter(log_dir=log_dir)
+
+    def scalars(self, step: int, values: dict[str, Any], prefix: str = "") -> None:
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            if isinstance(value, dict):
+                self.scalars(step, value, f"{prefix}{key}/")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(f"{prefix}{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _num(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_eval_table(result: dict[str, Any], title: str = "evaluation") -> str:
+    """A plain-text table of a :func:`summarize_eval` result."""
+    rows = [(name, d["loss"], d["ppl"], d["tokens"]) for name, d in result["domains"].items()]
+    width = max([len("token-weighted avg")] + [len(r[0]) for r in rows])
+    lines = [title, f"  {'domain':<{width}}  {'loss':>8}  {'ppl':>10}  {'tokens':>10}"]
+    for name, loss, ppl, tokens in rows:
+        lines.append(f"  {name:<{width}}  {_num(loss, '8.4f')}  {_num(ppl, '10.2f')}  {tokens:>10d}")
+    tw, uni, worst = result["token_weighted"], result["uniform"], result["worst"]
+    lines.append(f"  {'token-weighted avg':<{width}}  {_num(tw['loss'], '8.4f')}  {_num(tw['ppl'], '10.2f')}")
+    lines.append(f"  {'uniform avg':<{width}}  {_num(uni['loss'], '8.4f')}  {_num(uni['ppl'], '10.2f')}")
+    label = f"worst ({worst['domain']})"
+    lines.append(f"  {label:<{width}}  {_num(worst['loss'], '8.4f')}  {_num(worst['ppl'], '10.2f')}")
+    return "\n".join(lines)
+
+
+def stderr_is_tty() -> bool:
+    return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
