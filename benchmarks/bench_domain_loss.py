@@ -1,0 +1,263 @@
+"""Fused per-domain cross-entropy: forward and forward+backward time, bandwidth, peak extra memory.
+
+Project figure: ``fused_domain_cross_entropy`` (CUDA kernel on a GPU, C++ kernel on the CPU), out of place and with
+``inplace_backward=True``. Baselines in the same process: the eager torch composition (log_softmax, gather,
+subtract, clamp, scatter_add = ``domain_cross_entropy_reference``), torch's ``F.cross_entropy`` (per-token loss
+only, no per-domain statistics) and the project's chunked-torch fallback. Every variant scores the same inputs:
+D = 4 domains, a reference loss and per-domain scales (the DoReMi proxy step).
+
+Bandwidth counts the minimum traffic: forward reads the logits once (N*V*elt bytes), forward+backward reads them
+twice and writes the gradient once (3*N*V*elt); "%copy" compares with a measured ``dst.copy_(src)`` of the logits
+(2*N*V*elt bytes). "extra" is the peak memory above what existed before the call, in MiB and in % of the logits
+(the out-of-place backward's gradient buffer alone is 100%): CUDA from torch.cuda.max_memory_allocated, CPU from
+a sampled resident-set size with large allocations forced to mmap (approximate).
+
+Targets on an H100 (bf16, N = 16384, V = 50k): fwd+bwd <= 2.1 ms (>= 80% of copy), >= 2x the eager composition,
+peak extra memory < 1% of the logits in place.
+
+    python benchmarks/bench_domain_loss.py                   # GPU: N=16384, V in {32000, 50257, 128256}, bf16
+    python benchmarks/bench_domain_loss.py --device cpu      # CPU: N=1024, fp32 and bf16 (< 2 min)
+    python benchmarks/bench_domain_loss.py --device cpu --tokens 512 --vocab 32000 --dtypes bf16 --impls fused eager
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from megatron_doremi.ops.fused_domain_loss import (
+    domain_cross_entropy_reference,
+    fused_domain_cross_entropy,
+    resolve_backend,
+)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+IMPLS = ["fused", "fused-inplace", "eager", "torch-ce", "torch-chunked"]
+NUM_DOMAINS = 4
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of fn() in milliseconds (synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+class _RssPeak:
+    """Peak resident-set growth (bytes) while the context is open, sampled by a background thread."""
+
+    def __init__(self) -> None:
+        self._fd = os.open("/proc/self/statm", os.O_RDONLY)
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._stop = threading.Event()
+        self.base = self.peak = 0
+
+    def _rss(self) -> int:
+        return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.0002)
+
+    def __enter__(self) -> _RssPeak:
+        self.base = self.peak = self._rss()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        os.close(self._fd)
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.base
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak memory above the pre-call level during one call of fn (results dropped before measuring ends)."""
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with _RssPeak() as probe:
+        fn()
+    return probe.extra
+
+
+def _force_mmap_for_large_allocations() -> None:
+    """glibc: allocations >= 256 KiB always via mmap, so freed buffers leave the RSS (measurable peaks)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD (fixing it also disables the dynamic threshold)
+        libc.mallopt(-1, 256 * 1024)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
+def make_inputs(tokens: int, seq: int, vocab: int, dtype: torch.dtype, device: torch.device):
+    seq = min(seq, tokens)
+    batch = max(1, tokens // seq)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    logits = (torch.randn(batch, seq, vocab, generator=g, dtype=torch.float32) * 2).to(
+        device=device, dtype=dtype
+    )
+    labels = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+    labels[:, -1] = -100
+    domain_ids = (torch.arange(batch) % NUM_DOMAINS).to(device)
+    ref = (torch.rand(batch, seq, generator=g) * 12).to(device)
+    scale = torch.tensor([0.5, 1.0, 1.5, 2.0], device=device)
+    return logits, labels, domain_ids, ref, scale
+
+
+def variants(impl: str, logits, labels, domain_ids, ref, scale):
+    """(forward fn, forward+backward fn) for one implementation."""
+    vocab = logits.shape[-1]
+
+    def run(leaf: torch.Tensor, **kw) -> torch.Tensor:
+        if impl == "eager":
+            return domain_cross_entropy_reference(leaf, labels, domain_ids, NUM_DOMAINS, ref, scale).loss
+        if impl == "torch-ce":
+            tok = F.cross_entropy(leaf.view(-1, vocab), labels.view(-1), reduction="none")
+            return tok.float().sum() / (labels != -100).sum()
+        backend = "torch" if impl == "torch-chunked" else "auto"
+        out = fused_domain_cross_entropy(
+            leaf, labels, domain_ids, NUM_DOMAINS, ref, scale, backend=backend, **kw
+        )
+        return out.loss
+
+    def fwd() -> None:
+        with torch.no_grad():
+            run(logits)
+
+    leaf = logits.detach().requires_grad_(True)
+    inplace = impl == "fused-inplace"
+
+    def fwd_bwd() -> None:
+        loss = run(leaf, inplace_backward=True) if inplace else run(leaf)
+        torch.autograd.grad(loss, leaf)
+
+    return fwd, fwd_bwd
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", type=int, default=None, help="B*T (default 16384 on CUDA, 1024 on CPU)")
+    parser.add_argument("--seq", type=int, default=1024, help="T (B = tokens // T)")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 50257, 128256])
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=sorted(DTYPES),
+        default=None,
+        help="default bf16 (CUDA), fp32 bf16 (CPU)",
+    )
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=IMPLS,
+        default=None,
+        help="default: all on CUDA, all but torch-chunked on CPU",
+    )
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    gpu = device.type == "cuda"
+    tokens = args.tokens or (16384 if gpu else 1024)
+    dtypes = args.dtypes or (["bf16"] if gpu else ["fp32", "bf16"])
+    warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    repeats = args.repeats if args.repeats is not None else (20 if gpu else 3)
+    if not gpu:
+        _force_mmap_for_large_allocations()
+    impls = args.impls or (IMPLS if gpu else [i for i in IMPLS if i != "torch-chunked"])
+    backend = resolve_backend(device).name
+    where = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"device: {where}; fused backend: {backend}; N = B*T = {tokens}; median of {repeats} (warmup {warmup})"
+    )
+    if not gpu:
+        print("GPU figures: pending (no GPU in this run); CPU figures below.")
+    header = (
+        f"{'dtype':>5} {'V':>7} {'impl':<14} {'fwd ms':>8} {'GB/s':>7} {'%copy':>6} {'f+b ms':>8} {'GB/s':>7} "
+        f"{'%copy':>6} {'x eager':>7} {'fwd extra':>17} {'f+b extra':>17}"
+    )
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for vocab in args.vocab:
+            logits, labels, domain_ids, ref, scale = make_inputs(tokens, args.seq, vocab, dtype, device)
+            nbytes = logits.numel() * logits.element_size()
+            dst = torch.empty_like(logits)
+            copy_ms = time_ms(functools.partial(dst.copy_, logits), device, warmup, repeats)
+            del dst
+            copy_gbs = 2 * nbytes / copy_ms / 1e6
+            print(
+                f"\n{dtype_name} V={vocab}: logits {nbytes / 2**20:.0f} MiB, copy {copy_ms:.2f} ms = {copy_gbs:.1f} GB/s"
+            )
+            print(header)
+            rows = {}
+            for impl in impls:
+                fwd, fwd_bwd = variants(impl, logits, labels, domain_ids, ref, scale)
+                try:
+                    t_f = time_ms(fwd, device, warmup, repeats)
+                    t_fb = time_ms(fwd_bwd, device, warmup, repeats)
+                    m_f = peak_extra_bytes(fwd, device)
+                    m_fb = peak_extra_bytes(fwd_bwd, device)
+                except (RuntimeError, MemoryError) as exc:  # e.g. out of memory for the eager composition
+                    print(
+                        f"{dtype_name:>5} {vocab:>7} {impl:<14} failed: {type(exc).__name__}: {str(exc)[:80]}"
+                    )
+                    continue
+                rows[impl] = (t_f, t_fb, m_f, m_fb)
+            eager_fb = rows.get("eager", (None, None))[1]
+            for impl, (t_f, t_fb, m_f, m_fb) in rows.items():
+                gbs_f = nbytes / t_f / 1e6
+                gbs_fb = 3 * nbytes / t_fb / 1e6
+                speed = f"{eager_fb / t_fb:7.2f}" if eager_fb else f"{'-':>7}"
+                mem_f = f"{m_f / 2**20:9.1f} ({100 * m_f / nbytes:4.0f}%)"
+                mem_fb = f"{m_fb / 2**20:9.1f} ({100 * m_fb / nbytes:4.0f}%)"
+                print(
+                    f"{dtype_name:>5} {vocab:>7} {impl:<14} {t_f:8.2f} {gbs_f:7.1f} {100 * gbs_f / copy_gbs:6.1f} "
+                    f"{t_fb:8.2f} {gbs_fb:7.1f} {100 * gbs_fb / copy_gbs:6.1f} {speed} {mem_f} {mem_fb}"
+                )
+            del logits
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
