@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # mixture.json holds absolute prefixes: it loads from any directory
     try:
         (out / "data").mkdir(parents=True, exist_ok=True)
         mixture = prepare_data(
