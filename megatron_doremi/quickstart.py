@@ -1,10 +1,11 @@
-"""Quickstart: the data path end to end on the sample shipped in ``examples/quickstart/data``.
+"""Quickstart: the sample shipped in ``examples/quickstart/data``, from raw text to a trained model.
 
-    python -m megatron_doremi.quickstart [--out runs/quickstart]
+    python -m megatron_doremi.quickstart [--out runs/quickstart] [--no-train]
 
 Trains a small byte-level BPE tokenizer on the sample, tokenizes every domain into Megatron ``.bin/.idx``
-shards, writes the mixture in both forms, then blends the domains and reads batches through the distributed
-loader, printing per-domain document/token counts and the blend's realised proportions. Steps whose outputs
+shards, writes the mixture in both forms, blends the domains and reads batches through the distributed loader
+(printing per-domain document/token counts and the blend's realised proportions), then trains a tiny Llama-style
+model on the mixture with the DeepSpeed trainer and prints its per-domain validation table. Steps whose outputs
 already exist are skipped (``--force`` redoes them).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +27,8 @@ from megatron_doremi.data.indexed import IndexedDataset, data_file_path, index_f
 from megatron_doremi.data.loader import MixtureDataLoader, build_domain_datasets
 from megatron_doremi.data.mixture import Domain, Mixture
 
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "quickstart" / "data"
+REPO_DIR = Path(__file__).resolve().parent.parent
+SAMPLE_DIR = REPO_DIR / "examples" / "quickstart" / "data"
 
 
 def _atomic_write_json(path: Path, obj: object) -> None:
@@ -43,25 +46,25 @@ def prepare_data(
         raise SystemExit(f"error: no *.jsonl files in {sample_dir}")
     tok_dir = out / "tokenizer"
     if force or not (tok_dir / "tokenizer.json").exists():
-        print(f"[1/3] training a {vocab_size}-token byte-level BPE on {len(files)} files -> {tok_dir}")
+        print(f"[1/4] training a {vocab_size}-token byte-level BPE on {len(files)} files -> {tok_dir}")
         args = ["--input", *map(str, files), "--vocab-size", str(vocab_size), "--output-dir", str(tok_dir)]
         if tokenizer.main(args) != 0:
             raise SystemExit("error: tokenizer training failed")
     else:
-        print(f"[1/3] tokenizer exists: {tok_dir}")
+        print(f"[1/4] tokenizer exists: {tok_dir}")
     domains = []
     for path in files:
         name = path.stem
         prefix = out / "data" / name
         shard = preprocess.output_prefix_for(str(prefix), "text")
         if force or not (os.path.exists(data_file_path(shard)) and os.path.exists(index_file_path(shard))):
-            print(f"[2/3] tokenizing domain {name!r}")
+            print(f"[2/4] tokenizing domain {name!r}")
             args = ["--input", str(path), "--json-keys", "text", "--output-prefix", str(prefix)]
             args += ["--tokenizer", str(tok_dir), "--append-eod", "--workers", str(workers)]
             if preprocess.main(args) != 0:
                 raise SystemExit(f"error: preprocessing {path} failed")
         else:
-            print(f"[2/3] shard exists: {shard}")
+            print(f"[2/4] shard exists: {shard}")
         domains.append(Domain(name, (shard,), 1.0))
     mixture = Mixture(domains, source="quickstart")
     if weights == "tokens":
@@ -98,6 +101,46 @@ def blend_summary(
     print(f"read {total / elapsed:,.0f} samples/s through the loader")
 
 
+def train_config(out: Path, train_iters: int, seq_length: int) -> dict:
+    """Run config of the quickstart's static-mixture run: tiny model, ZeRO-3, fp32 on CPU."""
+    run_dir = out / "static"
+    return {
+        "model": str(REPO_DIR / "examples" / "models" / "tiny.json"),
+        "tokenizer": str(out / "tokenizer"),
+        "data": {"mixture": str(out / "mixture.json"), "split": "90,5,5"},
+        "mixer": {"type": "static"},
+        "schedule": {
+            "seq_length": seq_length,
+            "micro_batch_size": 8,
+            "global_batch_size": 16,
+            "train_iters": train_iters,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_iters": max(1, train_iters // 10),
+            "lr_decay_style": "cosine",
+        },
+        "eval": {"eval_interval": 0, "eval_iters": 2},
+        "checkpoint": {
+            "save": str(run_dir / "checkpoints"),
+            "save_interval": 0,
+            "load": str(run_dir / "checkpoints"),
+        },
+        "output_dir": str(run_dir),
+        "deepspeed_config": str(REPO_DIR / "examples" / "ds_configs" / "zero3.json"),
+        "progress_bar": False,
+        "log_interval": max(1, train_iters // 5),
+    }
+
+
+def train_static(out: Path, train_iters: int, seq_length: int) -> int:
+    """Train the tiny model on the mixture in one process; prints the trainer's per-domain eval table."""
+    config = out / "static_run.json"
+    _atomic_write_json(config, train_config(out, train_iters, seq_length))
+    print(f"\n[4/4] training a tiny model on the mixture ({train_iters} steps): {config}", flush=True)
+    cmd = [sys.executable, "-m", "megatron_doremi.train", "--config", str(config)]
+    return subprocess.run(cmd, check=False).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -118,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
+    parser.add_argument("--no-train", dest="train", action="store_false", help="stop after the blend summary")
+    parser.add_argument("--train-iters", type=int, default=150, help="steps of the tiny model's training run")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()  # mixture.json holds absolute prefixes: it loads from any directory
     try:
@@ -127,11 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         _atomic_write_json(out / "mixture.json", mixture.to_json_dict())
         (out / "data_path.txt").write_text(mixture.to_data_path() + "\n")
-        print(f"[3/3] mixture written: {out / 'mixture.json'} (Megatron form: {out / 'data_path.txt'})")
+        print(f"[3/4] mixture written: {out / 'mixture.json'} (Megatron form: {out / 'data_path.txt'})")
         blend_summary(mixture, args.seq_length, args.split, args.global_batch, args.steps, args.seed)
     except (ValueError, OSError) as exc:  # the project's errors are ValueError subclasses naming file/key
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.train:
+        return train_static(out, args.train_iters, args.seq_length)
     return 0
 
 
