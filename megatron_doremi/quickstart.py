@@ -12,7 +12,6 @@ already exist are skipped (``--force`` redoes them).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_doremi.atomic_io import atomic_write_json
 from megatron_doremi.data import preprocess, tokenizer
 from megatron_doremi.data.blending import BlendSchedule
 from megatron_doremi.data.indexed import IndexedDataset, data_file_path, index_file_path
@@ -29,12 +29,6 @@ from megatron_doremi.data.mixture import Domain, Mixture
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO_DIR / "examples" / "quickstart" / "data"
-
-
-def _atomic_write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def prepare_data(
@@ -135,7 +129,7 @@ def train_config(out: Path, train_iters: int, seq_length: int) -> dict:
 def train_static(out: Path, train_iters: int, seq_length: int) -> int:
     """Train the tiny model on the mixture in one process; prints the trainer's per-domain eval table."""
     config = out / "static_run.json"
-    _atomic_write_json(config, train_config(out, train_iters, seq_length))
+    atomic_write_json(config, train_config(out, train_iters, seq_length))
     print(f"\n[4/4] training a tiny model on the mixture ({train_iters} steps): {config}", flush=True)
     cmd = [sys.executable, "-m", "megatron_doremi.train", "--config", str(config)]
     return subprocess.run(cmd, check=False).returncode
@@ -170,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         mixture = prepare_data(
             Path(args.sample_dir), out, args.vocab_size, args.workers, args.force, args.weights
         )
-        _atomic_write_json(out / "mixture.json", mixture.to_json_dict())
+        atomic_write_json(out / "mixture.json", mixture.to_json_dict())
         (out / "data_path.txt").write_text(mixture.to_data_path() + "\n")
         print(f"[3/4] mixture written: {out / 'mixture.json'} (Megatron form: {out / 'data_path.txt'})")
         blend_summary(mixture, args.seq_length, args.split, args.global_batch, args.steps, args.seed)

@@ -10,11 +10,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from megatron_doremi.atomic_io import atomic_write_text
 
 __all__ = [
     "ENDOFTEXT",
@@ -147,18 +148,6 @@ def iter_training_texts(inputs: Sequence[str], keys: Sequence[str] = ("text",)) 
                 yield from texts[key]
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def train_bpe_tokenizer(
     texts: Iterable[str],
     vocab_size: int,
@@ -194,7 +183,7 @@ def train_bpe_tokenizer(
     tok.train_from_iterator(texts, trainer)
     out = os.fspath(output_dir)
     os.makedirs(out, exist_ok=True)
-    _atomic_write_text(os.path.join(out, "tokenizer.json"), tok.to_str(pretty=True))
+    atomic_write_text(os.path.join(out, "tokenizer.json"), tok.to_str(pretty=True))
     special_map = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -206,8 +195,8 @@ def train_bpe_tokenizer(
     if len(specials) > 1:
         special_map["additional_special_tokens"] = specials[1:]  # type: ignore[assignment]
         config["additional_special_tokens"] = specials[1:]
-    _atomic_write_text(os.path.join(out, "tokenizer_config.json"), json.dumps(config, indent=2) + "\n")
-    _atomic_write_text(os.path.join(out, "special_tokens_map.json"), json.dumps(special_map, indent=2) + "\n")
+    atomic_write_text(os.path.join(out, "tokenizer_config.json"), json.dumps(config, indent=2) + "\n")
+    atomic_write_text(os.path.join(out, "special_tokens_map.json"), json.dumps(special_map, indent=2) + "\n")
     return tok
 
 

@@ -16,11 +16,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 import numpy as np
+
+from megatron_doremi.atomic_io import atomic_write
 
 __all__ = [
     "DomainWeightsError",
@@ -38,25 +39,6 @@ _RESERVED = ("domain_names", "average", "final")
 
 class DomainWeightsError(ValueError):
     """A malformed weights log/record or bad output arguments; the message names the file:line or key."""
-
-
-def _atomic_write(path: str, write: Any, mode: str = "w") -> None:
-    """Call ``write(fh)`` on a temp file next to ``path`` and rename it over ``path`` (never a partial final file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # ---- doremi_weights.jsonl -------------------------------------------------------------------------------------------
@@ -152,7 +134,7 @@ class DomainWeightsLog:
                 last_step = rec["step"]
             if dropped:
                 logger.info("%s: dropped %d record(s) after the resumed step %d", path, dropped, resume_step)
-        _atomic_write(path, lambda fh: fh.write("".join(line + "\n" for line in kept)))
+        atomic_write(path, lambda fh: fh.write("".join(line + "\n" for line in kept)))
         log = cls(path, open(path, "a", encoding="utf-8", buffering=1))
         log.last_step = last_step
         return log
@@ -250,7 +232,7 @@ def write_domain_weights_json(
         **extra,
     }
     text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
-    _atomic_write(os.fspath(path), lambda fh: fh.write(text))
+    atomic_write(os.fspath(path), lambda fh: fh.write(text))
 
 
 # ---- domain_weights.png ---------------------------------------------------------------------------------------------
@@ -281,6 +263,6 @@ def plot_domain_weights(jsonl_path: str | os.PathLike[str], png_path: str | os.P
     axes[0].set_ylabel("weight")
     axes[1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     fig.tight_layout()
-    _atomic_write(
+    atomic_write(
         os.fspath(png_path), lambda fh: fig.savefig(fh, format="png", bbox_inches="tight"), mode="wb"
     )

@@ -31,7 +31,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from megatron_doremi.atomic_io import atomic_write_json
 from megatron_doremi.regmix.sample import RegmixError
 
 __all__ = [
@@ -71,28 +71,6 @@ LAUNCHERS = ("python", "torchrun", "deepspeed")
 
 def run_name(index: int) -> str:
     return f"run_{index:04d}"
-
-
-def _atomic_write(path: str | os.PathLike[str], text: str) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented JSON under a temp name, then rename (never a half-written final file)."""
-    _atomic_write(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path: str | os.PathLike[str], what: str) -> Any:

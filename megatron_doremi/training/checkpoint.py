@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_doremi.atomic_io import atomic_write_text
 from megatron_doremi.training.dist import barrier
 
 logger = logging.getLogger(__name__)
@@ -45,16 +46,6 @@ class CheckpointError(ValueError):
 
 def step_tag(step: int) -> str:
     return f"global_step{step}"
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory, fsync, os.replace."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def read_latest(load_dir: str) -> str | None:
