@@ -8,14 +8,24 @@ Layout (every section optional except ``model``, ``data`` and ``schedule``; defa
       "data": {"mixture": "mixture.json" | {...} | "0.3 p1 0.7 p2", "split": "98,1,1", "seed": null,
                "blend_mode": "periodic" | "exact" (Megatron's greedy, bit for bit), "blend_period": 1048576},
       "mixer": {"type": "static", "weights": null},   # weights: null = the mixture's, a list, or {name: w}
+               | {"type": "doremi", "reference": {"checkpoint": "runs/ref/checkpoints", "model": null,
+                  "mode": "auto", "allow_architecture_mismatch": false} | "runs/ref/checkpoints" | null,
+                  "step_size": 1.0, "smoothing": 1e-3, "reference_weights": null, "initial_weights": null,
+                  "warmup_step": 0, "update_step": 1, "update_times": null, "resample": false}
+               | {"type": "odm", ...}                    # see docs/doremi.md and mixers/odm.py
       "schedule": {"seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr",
                    "warmup_iters", "lr_decay_style": "cosine"|"linear"|"constant", "lr_decay_iters": null},
       "eval": {"eval_interval": 0, "eval_iters": 1, "micro_batch_size": null},
       "checkpoint": {"save": null, "save_interval": 0, "load": null, "export_hf": null},
       "output_dir": "runs/run", "seed": 1234, "deepspeed_config": "examples/ds_configs/zero3.json",
       "log_interval": 1, "progress_bar": true, "tensorboard": true, "activation_checkpointing": false,
-      "debug": {"dump_samples": false, "step_sleep_s": 0}   # test aids: per-rank sample hashes, a pause per step
+      "debug": {"dump_samples": false, "dump_mixer": false, "step_sleep_s": 0}
     }
+
+``debug`` holds test aids: per-rank sample hashes, per-rank mixer weights every step (exact hex floats), a pause
+after every step. A ``doremi`` mixer's keys are checked here (``mixer.step_size`` must be finite and > 0, ...);
+with ``check_files`` its reference checkpoint is checked too (exists, same vocabulary, architecture and domains as
+this run: :func:`megatron_doremi.training.reference.check_reference`), all before any process group exists.
 
 Relative paths are taken relative to the current working directory (like Megatron/DeepSpeed command lines),
 except shard prefixes inside a mixture JSON file, which are relative to that file. A ``model`` string ending in
@@ -30,6 +40,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,7 +80,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
     },
     "eval": {"eval_interval": 0, "eval_iters": 1, "micro_batch_size": None},
     "checkpoint": {"save": None, "save_interval": 0, "load": None, "export_hf": None},
-    "debug": {"dump_samples": False, "step_sleep_s": 0.0},
+    "debug": {"dump_samples": False, "dump_mixer": False, "step_sleep_s": 0.0},
 }
 _TOP_LEVEL: dict[str, Any] = {
     "model": None,
@@ -309,7 +320,7 @@ def _validate_model(source: str, model: Any) -> dict[str, Any] | str:
     )
 
 
-def _validate_mixture(source: str, mixture: Any) -> None:
+def _validate_mixture(source: str, mixture: Any) -> Any:
     # Mixture errors already name file and key; check here that the shards exist so a run fails before launch.
     from megatron_doremi.data.mixture import Mixture, MixtureError
 
@@ -328,6 +339,74 @@ def _validate_mixture(source: str, mixture: Any) -> None:
                     raise ConfigError(
                         f"{source}: data.mixture: domain {dom.name!r}: shard file {prefix + suffix} does not exist"
                     )
+    return mix
+
+
+def _validate_doremi(source: str, mixer: dict[str, Any]) -> dict[str, Any]:
+    """Structural checks of a ``doremi`` mixer section (keys, η, ε, schedule); the reference spec normalised."""
+    from megatron_doremi.mixers.base import MixerError
+    from megatron_doremi.mixers.doremi import DoReMiMixer
+    from megatron_doremi.training.mixer_factory import DOREMI_DEFAULTS
+    from megatron_doremi.training.reference import parse_reference_spec
+
+    known = {"type", "reference", *DOREMI_DEFAULTS}
+    for key in mixer:
+        if key not in known:
+            raise _unknown(source, f"mixer.{key}", {k: None for k in known - {"type"}})
+    if "reference" not in mixer:
+        raise ConfigError(
+            f"{source}: mixer.reference is required for a doremi mixer: "
+            '{"checkpoint": "<step 1 checkpoint dir>"} (or a path), or null to run without a reference model '
+            "(a debug mode, not DoReMi)"
+        )
+    out = {**mixer, "reference": parse_reference_spec(mixer["reference"], source)}
+    for key, label in (("step_size", "step_size (eta)"), ("smoothing", "smoothing (epsilon)")):
+        value = out.get(key, DOREMI_DEFAULTS[key])
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: mixer.{label} must be a number, got {value!r}")
+    step_size = float(out.get("step_size", 1.0))
+    if not math.isfinite(step_size) or step_size <= 0:
+        raise ConfigError(f"{source}: mixer.step_size (eta) must be finite and > 0, got {out['step_size']!r}")
+    smoothing = float(out.get("smoothing", 1e-3))
+    if not 0.0 <= smoothing <= 1.0:
+        raise ConfigError(f"{source}: mixer.smoothing (epsilon) must be in [0, 1], got {out['smoothing']!r}")
+    kwargs = {k: out[k] for k in ("warmup_step", "update_step", "update_times", "resample") if k in out}
+    try:
+        DoReMiMixer(["a"], step_size=step_size, smoothing=smoothing, **kwargs)
+    except MixerError as exc:
+        raise ConfigError(f"{source}: mixer: {exc}") from None
+    return out
+
+
+def _check_mixer_with_data(
+    source: str,
+    mixer: dict[str, Any],
+    mix: Any,
+    model: dict[str, Any] | str,
+    seq_length: int,
+    tokenizer: str | None = None,
+) -> None:
+    """The mixer against the mixture (weights name its domains...) and a DoReMi reference against this run."""
+    from megatron_doremi.mixers.base import MixerError
+    from megatron_doremi.training.mixer_factory import check_mixer_spec
+
+    try:
+        built = check_mixer_spec(mixer, mix)
+    except MixerError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    if mixer["type"] == "doremi" and mixer.get("reference") is not None:
+        from megatron_doremi.training.reference import check_reference
+
+        check_reference(
+            mixer["reference"],
+            model,
+            mix.names,
+            seq_length,
+            source,
+            reference_weights=getattr(built, "reference_weights", None),
+            warn=False,  # the trainer warns (once, in its log)
+            tokenizer=tokenizer,
+        )
 
 
 def validate_run_config(raw: dict[str, Any], source: str = "config", check_files: bool = True) -> RunConfig:
@@ -339,8 +418,7 @@ def validate_run_config(raw: dict[str, Any], source: str = "config", check_files
     model = _validate_model(source, raw.get("model"))
 
     data = _section(source, raw, "data", required=("mixture",))
-    if check_files:
-        _validate_mixture(source, data["mixture"])
+    mix = _validate_mixture(source, data["mixture"]) if check_files else None
     if not isinstance(data["split"], str):
         raise ConfigError(f'{source}: data.split must be a string like "98,1,1", got {data["split"]!r}')
     if data["seed"] is not None:
@@ -410,6 +488,10 @@ def validate_run_config(raw: dict[str, Any], source: str = "config", check_files
             f'{source}: mixer must be an object with a string \'type\' (e.g. {{"type": "static"}})'
         )
     mixer = {"type": "static", **mixer}
+    if mixer["type"] == "doremi":
+        mixer = _validate_doremi(source, mixer)
+    if mix is not None:
+        _check_mixer_with_data(source, mixer, mix, model, sched["seq_length"], raw.get("tokenizer"))
 
     tokenizer = raw.get("tokenizer")
     if tokenizer is not None and check_files:

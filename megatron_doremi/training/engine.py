@@ -11,7 +11,16 @@ One optimizer step (identical collective sequence on every rank):
 4. all-reduce of the per-domain loss / excess sums and counts; ``mixer.observe`` those global numbers and, when
    it changes its sampling weights, ``loader.set_weights``.
 
-Hook for mixers that need a reference model (DoReMi): override :meth:`Trainer.reference_token_loss`.
+**DoReMi step 2** (``mixer.type == "doremi"``): before each proxy forward, :meth:`Trainer.reference_token_loss`
+runs the reference model (:mod:`.reference`: step 1's checkpoint, no grad, replicated or its own ZeRO-3 engine)
+on the same micro-batch; the fused loss op then also sums the clipped excess ``max(l_proxy - l_ref, 0)`` per
+domain, so the step's single fp64 all-reduce of ``[loss_sum, excess_sum, token_count]`` gives the DoReMi mixer
+its global statistics. The multipliers ``m`` of step t come from α_{t-1} (``loss_multipliers()`` once per
+step). Every rank feeds the same all-reduced numbers to the same deterministic mixer, so α is bit-identical on
+every rank. Rank 0 appends ``doremi_weights.jsonl`` (one line per update, plus step 0 = α_0; truncated to the
+checkpoint's step on resume) and writes ``domain_weights.json`` + ``domain_weights.png`` at the end. The mixer
+state is part of the checkpoint's client state, so a resumed proxy continues the same α trajectory.
+With ``reference: null`` there is no reference forward (debug mode: λ = the proxy's own loss).
 """
 
 from __future__ import annotations
@@ -107,6 +116,7 @@ class Trainer:
         )
         self._build_data(for_training)
         self._build_engine()
+        self.reference = self._build_reference() if for_training else None
         self.step = 0
         self.metrics = self.eval_log = self.tb = None
         self._last_saved = -1
@@ -199,11 +209,41 @@ class Trainer:
             cfg.global_batch_size,
         )
 
+    def _build_reference(self) -> Any:
+        """The DoReMi reference model (collective), or None for other mixers and ``reference: null``."""
+        spec = self.cfg.mixer
+        if spec.get("type") != "doremi" or spec.get("reference") is None:
+            return None
+        from megatron_doremi.training.reference import ReferenceModel, check_reference
+
+        info = check_reference(
+            spec["reference"],
+            self.cfg.model,
+            self.names,
+            self.cfg.seq_length,
+            self.cfg.source,
+            reference_weights=getattr(self.mixer, "reference_weights", None),
+            tokenizer=self.cfg.tokenizer,
+        )
+        return ReferenceModel.build(
+            info,
+            self.ds_config,
+            self.device,
+            self.rank,
+            self.cfg.micro_batch_size,
+            self.world_size,
+        )
+
     # ---- hooks ---------------------------------------------------------------------------------------------
 
     def reference_token_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Per-token loss [mb, L] of a reference model for ``batch`` (no grad), or None (no reference)."""
-        return None
+        """Per-token loss [mb, L] fp32 of the reference model for ``batch`` (device tensors ``input_ids``,
+        ``labels``, ``domain_id``; no grad), or None when the run has no reference model."""
+        if self.reference is None:
+            return None
+        return self.reference.token_loss(
+            batch["input_ids"], batch["labels"], batch["domain_id"], self.num_domains
+        )
 
     # ---- checkpoint ----------------------------------------------------------------------------------------
 
@@ -294,11 +334,16 @@ class Trainer:
         if self.cfg.debug.get("dump_samples"):
             self._dump_samples(batches, consumed_before)
         t_data = time.time() - t0
+        t_ref = 0.0
         for b in batches:
             input_ids = b["input_ids"].to(dev, non_blocking=True)
             labels = b["labels"].to(dev, non_blocking=True)
             domain_id = b["domain_id"].to(dev, non_blocking=True)
-            ref = self.reference_token_loss(b)
+            t1 = time.time()
+            ref = self.reference_token_loss(
+                {"input_ids": input_ids, "labels": labels, "domain_id": domain_id}
+            )
+            t_ref += time.time() - t1
             logits = engine(input_ids=input_ids, use_cache=False).logits
             out = domain_cross_entropy(
                 logits,
@@ -327,6 +372,7 @@ class Trainer:
         n_tokens = float(token_count.sum())
         step_time = time.time() - t0
         tokens = self.cfg.global_batch_size * self.cfg.seq_length
+        mixer_log = self.mixer.log_dict()
         record = {
             "step": self.step,
             "loss": float(loss_sum.sum() / max(n_tokens, 1.0)),
@@ -340,14 +386,84 @@ class Trainer:
             "tokens_per_s": tokens / step_time,
             "step_time_s": step_time,
             "data_time_s": t_data,
+            **({"reference_time_s": t_ref} if self.reference is not None else {}),
             "consumed_samples": self.loader.consumed_samples,
             "consumed_tokens": self.loader.consumed_samples * self.cfg.seq_length,
             "domain_weights": {n: float(w) for n, w in zip(self.names, weights)},
-            **self.mixer.log_dict(),
+            **mixer_log,
         }
         if not np.all(mult == 1.0):
             record["loss_multipliers"] = {n: float(m) for n, m in zip(self.names, mult)}
+        if "domain_weights" in mixer_log:  # the mixer's own weights (DoReMi: α_t) took the key
+            record["sampling_weights"] = {n: float(w) for n, w in zip(self.names, weights)}
+        self._after_step()
         return record
+
+    # ---- DoReMi outputs --------------------------------------------------------------------------------------
+
+    def _after_step(self) -> None:
+        """Log the mixer's weights: rank 0's ``doremi_weights.jsonl`` on updates, every rank's debug dump."""
+        mixer = self.mixer
+        if self._weights_log is not None and getattr(mixer, "last_update_step", None) == self.step:
+            self._weights_log.append(mixer.history_record(self.step, time.time()))
+        if self.cfg.debug.get("dump_mixer"):
+            state = mixer.state_dict()
+            rec = {"step": self.step, "rank": self.rank, "mixer": state}
+            with open(os.path.join(self.cfg.output_dir, f"mixer_rank{self.rank}.jsonl"), "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+    def _open_weights_log(self, resumed: bool) -> None:
+        """Rank 0: open ``doremi_weights.jsonl`` (a fresh run writes α_0 as step 0; a resumed one truncates)."""
+        self._weights_log = None
+        if self.rank != 0 or not hasattr(self.mixer, "history_record"):
+            return
+        from megatron_doremi.mixers.weights_io import DomainWeightsLog
+
+        path = os.path.join(self.cfg.output_dir, "doremi_weights.jsonl")
+        self._weights_log = DomainWeightsLog.open(path, resume_step=self.step if resumed else None)
+        if self._weights_log.last_step is None and self.step == 0:
+            self._weights_log.append(self.mixer.history_record(0, time.time()))
+
+    def _write_domain_weights(self) -> dict[str, str]:
+        """Rank 0, end of a DoReMi run: ``domain_weights.json`` (ᾱ and final α, both mixture forms) + the plot."""
+        mixer = self.mixer
+        if not hasattr(mixer, "history_record"):
+            return {}
+        from megatron_doremi.mixers.weights_io import plot_domain_weights, write_domain_weights_json
+
+        out = self.cfg.output_dir
+        if self._weights_log is not None:
+            self._weights_log.close()
+            self._weights_log = None
+        ref = self.cfg.mixer.get("reference")
+        extra = {
+            "step": self.step,
+            "num_updates": int(getattr(mixer, "num_updates", 0)),
+            "num_skipped": int(getattr(mixer, "num_skipped", 0)),
+            "reference_weights": dict(zip(self.names, mixer.reference_weights.tolist())),
+            "initial_weights": dict(zip(self.names, mixer.initial_weights.tolist())),
+            "step_size": mixer.step_size,
+            "smoothing": mixer.smoothing,
+            "resample": mixer.resample,
+            "reference_checkpoint": None if ref is None else ref["checkpoint"],
+            "debug_no_reference": ref is None,
+        }
+        prefixes = {d.name: list(d.prefixes) for d in self.mixture.domains}
+        json_path = os.path.join(out, "domain_weights.json")
+        write_domain_weights_json(
+            json_path, self.names, mixer.average_weights, mixer.weights, prefixes=prefixes, extra=extra
+        )
+        paths = {"domain_weights_json": json_path}
+        jsonl = os.path.join(out, "doremi_weights.jsonl")
+        png = os.path.join(out, "domain_weights.png")
+        try:
+            plot_domain_weights(jsonl, png)
+            paths["domain_weights_png"] = png
+        except (ValueError, OSError, ImportError) as exc:
+            logger.warning("domain weights plot not written: %s", exc)
+        return paths
+
+    _weights_log: Any = None
 
     def _dump_samples(self, batches: list[dict[str, torch.Tensor]], consumed_before: int) -> None:
         path = os.path.join(self.cfg.output_dir, f"samples_rank{self.rank}.jsonl")
@@ -443,9 +559,10 @@ class Trainer:
             self.metrics.truncate_after(self.step)
             self.eval_log.truncate_after(self.step)
             self.tb = TensorBoard(os.path.join(out, "tensorboard"), self.cfg.tensorboard)
-        if self.cfg.debug.get("dump_samples"):
-            os.makedirs(out, exist_ok=True)
-            JsonlLog(os.path.join(out, f"samples_rank{self.rank}.jsonl")).truncate_after(self.step)
+        for flag, name in (("dump_samples", "samples"), ("dump_mixer", "mixer")):
+            if self.cfg.debug.get(flag):
+                os.makedirs(out, exist_ok=True)
+                JsonlLog(os.path.join(out, f"{name}_rank{self.rank}.jsonl")).truncate_after(self.step)
         dist.barrier()
 
     def train(self) -> dict[str, Any]:
@@ -453,8 +570,9 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        self.resume()
+        resumed = self.resume()
         self._open_logs()
+        self._open_weights_log(resumed)
         total = cfg.train_iters
         save_dir, save_interval = cfg.checkpoint["save"], cfg.checkpoint["save_interval"]
         eval_interval = cfg.eval["eval_interval"]
@@ -522,6 +640,13 @@ class Trainer:
                 atomic_write_text(
                     os.path.join(out, "eval_summary.json"), json.dumps(self._last_eval, indent=1) + "\n"
                 )
+            weights_files = self._write_domain_weights()
+            if weights_files:
+                summary["domain_weights"] = {
+                    "average": dict(zip(self.names, self.mixer.average_weights.tolist())),
+                    "final": dict(zip(self.names, self.mixer.weights.tolist())),
+                }
+                summary.update(weights_files)
             atomic_write_text(os.path.join(out, "train_summary.json"), json.dumps(summary, indent=1) + "\n")
             self.tb.close()
             self._final_report(summary)
@@ -545,6 +670,15 @@ class Trainer:
             lines.append(
                 format_eval_table(self._last_eval, f"final evaluation (step {self._last_eval['step']})")
             )
+        if "domain_weights" in summary:
+            ref = self.mixer.reference_weights
+            avg, final = summary["domain_weights"]["average"], summary["domain_weights"]["final"]
+            width = max(len("domain"), *(len(n) for n in self.names))
+            lines.append(f"DoReMi domain weights ({getattr(self.mixer, 'num_updates', 0)} updates)")
+            lines.append(f"  {'domain':<{width}}  {'reference':>9}  {'final α':>9}  {'average ᾱ':>9}")
+            for n, r in zip(self.names, ref):
+                lines.append(f"  {n:<{width}}  {r:>9.4f}  {final[n]:>9.4f}  {avg[n]:>9.4f}")
+            lines.append(f"  domain weights: {summary['domain_weights_json']}")
         lines.append(f"  run directory: {self.cfg.output_dir}")
         if summary["export_hf"]:
             lines.append(f"  HF export: {summary['export_hf']}")

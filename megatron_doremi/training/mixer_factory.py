@@ -1,4 +1,9 @@
-"""Build the run's mixer from the run config's ``mixer`` section (a registry later issues extend)."""
+"""Build the run's mixer from the run config's ``mixer`` section (a registry of ``type`` -> builder).
+
+Types: ``static`` (fixed weights), ``doremi`` (DoReMi step 2, see :func:`doremi_kwargs`), ``odm`` (online data
+mixing, :mod:`megatron_doremi.mixers.odm`). Builders see only the spec and the mixture (names, weights), never
+the engine; the DoReMi reference model itself is the trainer's business (:mod:`.reference`).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,29 @@ from typing import Any
 from megatron_doremi.data.mixture import Mixture, MixtureError
 from megatron_doremi.mixers.base import Mixer, MixerError
 
-__all__ = ["MIXER_BUILDERS", "build_mixer", "register_mixer"]
+__all__ = [
+    "DOREMI_DEFAULTS",
+    "MIXER_BUILDERS",
+    "build_mixer",
+    "check_mixer_spec",
+    "doremi_kwargs",
+    "register_mixer",
+]
 
 MixerBuilder = Callable[[dict[str, Any], Mixture], Mixer]
 MIXER_BUILDERS: dict[str, MixerBuilder] = {}
+
+#: the ``doremi`` mixer keys and their defaults (``reference`` has none: it must be given, null = debug mode)
+DOREMI_DEFAULTS: dict[str, Any] = {
+    "step_size": 1.0,
+    "smoothing": 1e-3,
+    "reference_weights": None,
+    "initial_weights": None,
+    "warmup_step": 0,
+    "update_step": 1,
+    "update_times": None,
+    "resample": False,
+}
 
 
 def register_mixer(name: str, builder: MixerBuilder) -> None:
@@ -35,7 +59,74 @@ def _static(spec: dict[str, Any], mixture: Mixture) -> Mixer:
     return StaticMixer(mixture.names, resolved)
 
 
+def _weights_arg(value: Any, key: str, mixture: Mixture, allow_reference: bool) -> Any:
+    """``null``/"uniform" -> None (the mixer's uniform default), "mixture" -> the mixture's weights,
+    "reference" -> the sentinel "reference" (initial weights = the reference weights), lists/maps unchanged."""
+    if value is None or value == "uniform":
+        return None
+    if value == "mixture":
+        return [float(w) for w in mixture.weights]
+    if value == "reference" and allow_reference:
+        return "reference"
+    if isinstance(value, str):
+        choices = '"uniform", "mixture"' + (', "reference"' if allow_reference else "")
+        raise MixerError(
+            f"mixer.{key}: expected null, {choices}, a list in domain order or {{name: weight}}, got {value!r}"
+        )
+    return value
+
+
+def doremi_kwargs(spec: dict[str, Any], mixture: Mixture) -> dict[str, Any]:
+    """``DoReMiMixer`` keyword arguments from a ``{"type": "doremi", ...}`` spec (MixerError naming the key).
+
+    ``reference_weights`` (the sampling weights s; the weights the reference model was trained on): null or
+    "uniform" (default), "mixture" (the mixture's weights), a list in domain order or ``{name: w}``.
+    ``initial_weights`` (α_0): the same forms plus "reference" (= s); default uniform.
+    """
+    known = {"type", "reference", *DOREMI_DEFAULTS}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise MixerError(
+            f"mixer: unknown key(s) {unknown} for type 'doremi' (known: {', '.join(sorted(known - {'type'}))})"
+        )
+    if "reference" not in spec:
+        raise MixerError(
+            'mixer.reference is required for type \'doremi\': {"checkpoint": "<step 1 checkpoint dir>"}, or '
+            "null to run without a reference model (a debug mode, not DoReMi)"
+        )
+    s = {**DOREMI_DEFAULTS, **spec}
+    ref = _weights_arg(s["reference_weights"], "reference_weights", mixture, allow_reference=False)
+    init = _weights_arg(s["initial_weights"], "initial_weights", mixture, allow_reference=True)
+    if isinstance(init, str):  # "reference"
+        init = ref
+    return {
+        "reference_weights": ref,
+        "initial_weights": init,
+        "step_size": s["step_size"],
+        "smoothing": s["smoothing"],
+        "warmup_step": s["warmup_step"],
+        "update_step": s["update_step"],
+        "update_times": s["update_times"],
+        "resample": s["resample"],
+        "use_reference": spec["reference"] is not None,
+    }
+
+
+def _doremi(spec: dict[str, Any], mixture: Mixture) -> Mixer:
+    from megatron_doremi.mixers.doremi import DoReMiMixer
+
+    return DoReMiMixer(mixture.names, **doremi_kwargs(spec, mixture))
+
+
+def _odm(spec: dict[str, Any], mixture: Mixture) -> Mixer:
+    from megatron_doremi.mixers.odm import build_odm_mixer
+
+    return build_odm_mixer(spec, mixture)
+
+
 register_mixer("static", _static)
+register_mixer("doremi", _doremi)
+register_mixer("odm", _odm)
 
 
 def build_mixer(spec: dict[str, Any], mixture: Mixture) -> Mixer:
@@ -44,3 +135,15 @@ def build_mixer(spec: dict[str, Any], mixture: Mixture) -> Mixer:
     if kind not in MIXER_BUILDERS:
         raise MixerError(f"mixer.type {kind!r} is not known; available: {', '.join(sorted(MIXER_BUILDERS))}")
     return MIXER_BUILDERS[kind](spec, mixture)
+
+
+def check_mixer_spec(spec: dict[str, Any], mixture: Mixture) -> Mixer:
+    """Validate ``spec`` against ``mixture`` by building the mixer (without side effects such as the DoReMi
+    debug-mode warning, which the real build prints); returns the throw-away mixer."""
+    if spec.get("type") == "doremi":
+        from megatron_doremi.mixers.doremi import DoReMiMixer
+
+        kwargs = doremi_kwargs(spec, mixture)
+        kwargs["use_reference"] = True
+        return DoReMiMixer(mixture.names, **kwargs)
+    return build_mixer(spec, mixture)

@@ -1,0 +1,675 @@
+"""DoReMi end to end: step 1 (reference), step 2 (proxy), step 3 (main model on ᾱ), a baseline, the report.
+
+    python -m megatron_doremi.pipeline --config pipeline.json [--set key=value ...] [--dry-run] [--quiet]
+
+Pipeline config (JSON; relative paths are relative to the current directory, like run configs)::
+
+    {
+      "output_dir": "runs/pipeline",
+      "launcher": "python",      # | "deepspeed --num_gpus 8" | "torchrun --nproc_per_node 8" | "srun ..." |
+                                 #   {"default": ..., "reference": ..., "proxy": ..., "main": ..., "baseline": ...}
+      "rounds": 1,               # iterated DoReMi: round r+1's reference trains on (and its proxy samples with)
+                                 #   round r's ᾱ
+      "reference_weights": null, # null/"uniform" | "mixture" (the mixture's weights) | [w, ...] | {name: w}
+      "baseline": true,          # also train the main model on the reference weights, and compare
+      "export_hf": true,         # HF export of the main and baseline models (<run>/hf)
+      "base": {...},             # a run config (docs/training.md) shared by every step
+      "reference": {...}, "proxy": {...}, "main": {...}   # per-step overrides, deep-merged into base
+    }
+
+A step's ``model`` given as a file or directory replaces the base model; given as an object it is merged into
+it (``"main": {"model": {"num_hidden_layers": 24}}``). ``proxy.mixer`` takes the DoReMi options (``step_size``, ``smoothing``, ``initial_weights``, ``warmup_step``,
+``update_step``, ``update_times``, ``resample``, ``reference: {"mode", "allow_architecture_mismatch"}``). The
+pipeline sets ``output_dir``, ``checkpoint.save/load/export_hf`` and the mixers itself: giving them is an error.
+Step directories: ``reference/``, ``proxy/`` (round 1), ``round<r>/reference/``, ``round<r>/proxy/`` (r >= 2),
+``main/``, ``baseline/``; each holds ``pipeline_config.json`` (the run config the step was launched with),
+``train.log`` and the trainer's outputs. The report (``report.md``, ``report.json``, ``weights.png``,
+``loss.png``) goes to ``output_dir``.
+
+**Skip and resume.** A step is *finished* when its ``train_summary.json`` reports ``train_iters`` steps and its
+``eval_summary.json`` (when it evaluates) and, for proxies, ``domain_weights.json`` exist. A finished step whose
+``pipeline_config.json`` equals the config the pipeline would launch now is skipped; an unfinished one is
+launched again and the trainer resumes from its last checkpoint. A step whose directory holds a checkpoint or
+results for a *different* config is an error naming the differing keys (delete the directory to retrain it).
+
+Before anything is launched every step's config is validated and the domains of every step's mixture are
+compared: steps whose mixtures have different domains are an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from megatron_doremi.atomic_io import atomic_write_json
+
+__all__ = [
+    "PipelineError",
+    "Step",
+    "StepFailed",
+    "build_command",
+    "load_pipeline_config",
+    "main",
+    "run_pipeline",
+]
+
+TRAIN_MODULE = "megatron_doremi.train"
+STEP_CONFIG = "pipeline_config.json"
+KINDS = ("reference", "proxy", "main", "baseline")
+_TOP_KEYS = {
+    "description": "",
+    "output_dir": None,
+    "launcher": "python",
+    "rounds": 1,
+    "reference_weights": None,
+    "baseline": True,
+    "export_hf": True,
+    "base": None,
+    "reference": {},
+    "proxy": {},
+    "main": {},
+}
+_PROXY_MIXER_KEYS = (
+    "step_size",
+    "smoothing",
+    "initial_weights",
+    "warmup_step",
+    "update_step",
+    "update_times",
+    "resample",
+    "reference",
+)
+_REFERENCE_OPTION_KEYS = ("mode", "allow_architecture_mismatch")
+
+#: runner(step_name, command, log_path, env) -> exit status
+Runner = Callable[[str, list[str], str, dict[str, str]], int]
+
+
+class PipelineError(ValueError):
+    """A pipeline config or state that cannot be used, or a failed step; the message names the key/step/path."""
+
+
+class StepFailed(PipelineError):
+    """A training step exited non-zero or left incomplete outputs (the message has the log's tail)."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One training run of the pipeline."""
+
+    name: str  # "reference", "proxy", "round2/reference", ..., "main", "baseline"
+    kind: str  # one of KINDS
+    round: int | None
+    dir: str
+
+
+# ---- config ------------------------------------------------------------------------------------------------------
+
+
+def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` merged in (objects recursively, everything else replaced)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _inline_model(section: dict[str, Any], where: str) -> dict[str, Any]:
+    """Read a ``model`` given as a ``.json`` file so that steps can override single keys of it."""
+    from megatron_doremi.training.config import ConfigError, read_json
+
+    model = section.get("model")
+    if isinstance(model, str) and model.endswith(".json"):
+        try:
+            section = {**section, "model": read_json(model, "model config")}
+        except ConfigError as exc:
+            raise PipelineError(f"{where}.model: {exc}") from None
+    return section
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, Mapping) and obj:
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: obj}
+
+
+def _diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 6) -> str:
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    parts = [f"{k}: {_short(a.get(k, '<unset>'))} -> {_short(b.get(k, '<unset>'))}" for k in keys[:limit]]
+    if len(keys) > limit:
+        parts.append(f"... ({len(keys) - limit} more)")
+    return "; ".join(parts)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) or value == "<unset>" else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def load_pipeline_config(
+    config: str | os.PathLike[str] | Mapping[str, Any], overrides: Sequence[str] = ()
+) -> tuple[dict[str, Any], str]:
+    """Read (or copy) the pipeline config, apply ``key=value`` overrides, check its keys; returns (config, source)."""
+    from megatron_doremi.training.config import ConfigError, apply_overrides, read_json
+
+    try:
+        if isinstance(config, Mapping):
+            raw, source = copy.deepcopy(dict(config)), "pipeline config"
+        else:
+            raw, source = read_json(config, "pipeline config"), os.fspath(config)
+        if overrides:
+            raw = apply_overrides(raw, list(overrides))
+            source += " (with --set overrides)"
+    except ConfigError as exc:
+        raise PipelineError(str(exc)) from None
+    unknown = sorted(set(raw) - set(_TOP_KEYS))
+    if unknown:
+        import difflib
+
+        hints = [difflib.get_close_matches(k, list(_TOP_KEYS), n=1) for k in unknown]
+        hint = "; ".join(
+            f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in zip(unknown, hints)
+        )
+        raise PipelineError(f"{source}: unknown key(s) {hint}; known: {', '.join(_TOP_KEYS)}")
+    cfg = {**copy.deepcopy(_TOP_KEYS), **raw}
+    if not isinstance(cfg["output_dir"], str) or not cfg["output_dir"]:
+        raise PipelineError(
+            f"{source}: output_dir is required (a directory for every step's run and the report)"
+        )
+    if not isinstance(cfg["base"], dict):
+        raise PipelineError(f"{source}: base is required: a run config object shared by every step")
+    for key in ("reference", "proxy", "main"):
+        if not isinstance(cfg[key], dict):
+            raise PipelineError(
+                f"{source}: {key} must be an object of run-config overrides, got {cfg[key]!r}"
+            )
+    rounds = cfg["rounds"]
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise PipelineError(f"{source}: rounds must be an integer >= 1, got {rounds!r}")
+    for key in ("baseline", "export_hf"):
+        if not isinstance(cfg[key], bool):
+            raise PipelineError(f"{source}: {key} must be true or false, got {cfg[key]!r}")
+    _launcher_for(cfg, "reference", source)  # checks the launcher's form
+    for where, section in [("base", cfg["base"])] + [(k, cfg[k]) for k in ("reference", "proxy", "main")]:
+        if "output_dir" in section:
+            raise PipelineError(
+                f"{source}: {where}.output_dir: the pipeline sets each step's output_dir itself"
+            )
+        ckpt = section.get("checkpoint") or {}
+        for key in ("save", "load", "export_hf"):
+            if key in ckpt:
+                raise PipelineError(
+                    f"{source}: {where}.checkpoint.{key}: the pipeline sets it (checkpoints go to "
+                    "<step dir>/checkpoints; use the top-level export_hf for HF exports)"
+                )
+        if "mixer" in section and where != "proxy":
+            raise PipelineError(
+                f"{source}: {where}.mixer: the pipeline sets the mixers (static reference / ᾱ weights, DoReMi for "
+                "the proxy); give DoReMi options under proxy.mixer and the reference weights as reference_weights"
+            )
+    mixer = cfg["proxy"].get("mixer", {})
+    if not isinstance(mixer, dict):
+        raise PipelineError(f"{source}: proxy.mixer must be an object of DoReMi options")
+    bad = sorted(set(mixer) - set(_PROXY_MIXER_KEYS))
+    if bad:
+        raise PipelineError(
+            f"{source}: proxy.mixer: key(s) {bad} cannot be set here (DoReMi options: {', '.join(_PROXY_MIXER_KEYS)}; "
+            "the reference weights are the top-level reference_weights)"
+        )
+    ref_opts = mixer.get("reference", {})
+    if not isinstance(ref_opts, dict) or set(ref_opts) - set(_REFERENCE_OPTION_KEYS):
+        raise PipelineError(
+            f"{source}: proxy.mixer.reference: only {', '.join(_REFERENCE_OPTION_KEYS)} can be set (the "
+            "checkpoint is step 1's), got {ref_opts!r}"
+        )
+    return cfg, source
+
+
+def _launcher_for(cfg: Mapping[str, Any], kind: str, source: str) -> str:
+    launcher = cfg["launcher"]
+    if isinstance(launcher, dict):
+        unknown = sorted(set(launcher) - {"default", *KINDS})
+        if unknown:
+            raise PipelineError(
+                f"{source}: launcher: unknown key(s) {unknown} (known: default, {', '.join(KINDS)})"
+            )
+        if kind == "baseline" and "baseline" not in launcher:
+            kind = "main"  # the baseline is the main model on other weights
+        launcher = launcher.get(kind, launcher.get("default", "python"))
+    if not isinstance(launcher, str) or not launcher.strip():
+        raise PipelineError(
+            f'{source}: launcher must be a command such as "python", "deepspeed --num_gpus 8" or '
+            f'"torchrun --nproc_per_node 8" (or an object of those per step), got {launcher!r}'
+        )
+    try:
+        shlex.split(launcher)
+    except ValueError as exc:
+        raise PipelineError(f"{source}: launcher {launcher!r}: {exc}") from None
+    return launcher
+
+
+def build_command(launcher: str, config_path: str) -> list[str]:
+    """The command line that trains ``config_path`` with ``launcher``.
+
+    The last program in the launcher decides how the trainer is named: ``deepspeed`` -> ``--module
+    megatron_doremi.train``; ``torchrun`` -> ``-m megatron_doremi.train``; ``python``/``python3`` (replaced by
+    this interpreter) or another ``python*`` path -> ``-m megatron_doremi.train``. A launcher with none of them
+    (``srun ...``, ``mpirun ...``) is a prefix of ``<this python> -m megatron_doremi.train``; so
+    ``srun --ntasks-per-node 1 torchrun --nproc_per_node 8`` works too.
+    """
+    tokens = shlex.split(launcher)
+    if not tokens:
+        raise PipelineError("launcher is empty")
+    tail = ["--config", config_path]
+    for i in range(len(tokens) - 1, -1, -1):
+        prog = os.path.basename(tokens[i])
+        if prog == "deepspeed":
+            return [*tokens, "--module", TRAIN_MODULE, *tail]
+        if prog == "torchrun":
+            return [*tokens, "-m", TRAIN_MODULE, *tail]
+        if prog in ("python", "python3"):
+            return [*tokens[:i], sys.executable, *tokens[i + 1 :], "-m", TRAIN_MODULE, *tail]
+        if re.fullmatch(r"python3?(\.\d+)?", prog):
+            return [*tokens, "-m", TRAIN_MODULE, *tail]
+    return [*tokens, sys.executable, "-m", TRAIN_MODULE, *tail]
+
+
+# ---- the pipeline ------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{path}: cannot read ({exc})") from None
+
+
+def _subprocess_runner(echo: bool) -> Runner:
+    def run(name: str, cmd: list[str], log_path: str, env: dict[str, str]) -> int:
+        with open(log_path, "a") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
+            )
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    log.write(line)
+                    if echo:
+                        sys.stdout.write(f"  [{name}] {line}")
+                        sys.stdout.flush()
+                return proc.wait()
+            except BaseException:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
+
+    return run
+
+
+class _Pipeline:
+    def __init__(
+        self, cfg: dict[str, Any], source: str, runner: Runner, echo: bool, command: str | None
+    ) -> None:
+        self.cfg, self.source, self.runner, self.echo, self.command = cfg, source, runner, echo, command
+        self.out = cfg["output_dir"]
+        self.rounds = int(cfg["rounds"])
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    # -- steps and their configs
+
+    def steps(self) -> list[Step]:
+        out = []
+        for r in range(1, self.rounds + 1):
+            root = self.out if r == 1 else os.path.join(self.out, f"round{r}")
+            prefix = "" if r == 1 else f"round{r}/"
+            out.append(Step(f"{prefix}reference", "reference", r, os.path.join(root, "reference")))
+            out.append(Step(f"{prefix}proxy", "proxy", r, os.path.join(root, "proxy")))
+        out.append(Step("main", "main", None, os.path.join(self.out, "main")))
+        if self.cfg["baseline"]:
+            out.append(Step("baseline", "baseline", None, os.path.join(self.out, "baseline")))
+        return out
+
+    def merged(self, kind: str) -> dict[str, Any]:
+        """base + the step kind's section (the baseline uses main's), without the pipeline-set keys."""
+        section = self.cfg["main" if kind == "baseline" else kind]
+        base = _inline_model(self.cfg["base"], "base")
+        section = {k: v for k, v in section.items() if k != "mixer"}
+        replace_model = isinstance(
+            section.get("model"), str
+        )  # a whole model (file or directory) replaces base's
+        section = _inline_model(section, kind)
+        merged = _deep_merge(base, section)
+        if replace_model:
+            merged["model"] = section["model"]
+        return merged
+
+    def run_config(
+        self, step: Step, weights: dict[str, float], reference_dir: str | None = None
+    ) -> dict[str, Any]:
+        """The run config of ``step``: static ``weights`` (reference/main/baseline) or DoReMi with reference
+        weights ``weights`` and step 1's checkpoint in ``reference_dir`` (proxy)."""
+        cfg = self.merged(step.kind)
+        ckpt_dir = os.path.join(step.dir, "checkpoints")
+        ckpt = dict(cfg.get("checkpoint") or {})
+        ckpt.update({"save": ckpt_dir, "load": ckpt_dir})
+        if self.cfg["export_hf"] and step.kind in ("main", "baseline"):
+            ckpt["export_hf"] = os.path.join(step.dir, "hf")
+        cfg["checkpoint"] = ckpt
+        cfg["output_dir"] = step.dir
+        if step.kind == "proxy":
+            opts = copy.deepcopy(self.cfg["proxy"].get("mixer", {}))
+            ref = {
+                **opts.pop("reference", {}),
+                "checkpoint": os.path.join(reference_dir or "", "checkpoints"),
+            }
+            cfg["mixer"] = {"type": "doremi", "reference": ref, "reference_weights": weights, **opts}
+        else:
+            cfg["mixer"] = {"type": "static", "weights": weights}
+        return cfg
+
+    # -- checks before launching anything
+
+    def domain_names(self) -> list[str]:
+        """The domains of every step's mixture; PipelineError when they differ between steps."""
+        from megatron_doremi.data.mixture import Mixture, MixtureError
+
+        kinds = ["reference", "proxy", "main"]
+        found: dict[str, tuple[str, ...]] = {}
+        for kind in kinds:
+            spec = (self.merged(kind).get("data") or {}).get("mixture")
+            if spec is None:
+                raise PipelineError(f"{self.source}: {kind}: data.mixture is not set (put it in base.data)")
+            try:
+                found[kind] = Mixture.load(spec).names
+            except MixtureError as exc:
+                raise PipelineError(f"{self.source}: {kind}: data.mixture: {exc}") from None
+        first = found["reference"]
+        for kind in kinds[1:]:
+            if found[kind] != first:
+                missing = sorted(set(first) - set(found[kind]))
+                extra = sorted(set(found[kind]) - set(first))
+                raise PipelineError(
+                    f"{self.source}: the {kind} step's mixture has domains {list(found[kind])} but the reference "
+                    f"step's has {list(first)} (missing {missing}, extra {extra}): every DoReMi step must use the "
+                    "same domains"
+                )
+        return list(first)
+
+    def reference_weights(self, names: Sequence[str]) -> dict[str, float]:
+        from megatron_doremi.data.mixture import Mixture
+
+        value = self.cfg["reference_weights"]
+        where = f"{self.source}: reference_weights"
+        if value is None or value == "uniform":
+            return {n: 1.0 / len(names) for n in names}
+        if value == "mixture":
+            mix = Mixture.load(self.merged("reference")["data"]["mixture"])
+            return dict(zip(mix.names, (float(w) for w in mix.weights)))
+        if isinstance(value, Mapping):
+            missing, extra = sorted(set(names) - set(value)), sorted(set(value) - set(names))
+            if missing or extra:
+                raise PipelineError(f"{where}: must name every domain; missing {missing}, unknown {extra}")
+            values = [value[n] for n in names]
+        elif isinstance(value, list):
+            if len(value) != len(names):
+                raise PipelineError(
+                    f"{where}: expected {len(names)} weights in domain order {names}, got {len(value)}"
+                )
+            values = value
+        else:
+            raise PipelineError(
+                f'{where}: expected null, "uniform", "mixture", a list in domain order or {{name: weight}}, '
+                f"got {value!r}"
+            )
+        if any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+            for v in values
+        ):
+            raise PipelineError(f"{where}: every weight must be a finite number > 0, got {values}")
+        total = math.fsum(values)
+        return {n: float(v) / total for n, v in zip(names, values)}
+
+    def validate(self, names: list[str], ref_weights: dict[str, float]) -> None:
+        """Validate every step's run config (files, keys, DoReMi options) before the first launch."""
+        from megatron_doremi.training.config import ConfigError, validate_run_config
+
+        for step in self.steps():
+            cfg = self.run_config(step, ref_weights, reference_dir=step.dir)
+            if step.kind == "proxy":
+                cfg["mixer"] = {**cfg["mixer"], "reference": None}  # step 1's checkpoint does not exist yet
+            try:
+                run = validate_run_config(cfg, f"{self.source}: {step.name}", check_files=True)
+            except ConfigError as exc:
+                raise PipelineError(str(exc)) from None
+            if step.kind in ("main", "baseline") and self.cfg["baseline"]:
+                split = [float(x) for x in str(run.data["split"]).split(",") if x.strip()]
+                if run.eval["eval_iters"] < 1 or len(split) < 2 or split[1] <= 0:
+                    raise PipelineError(
+                        f"{self.source}: {step.name}: the report compares validation losses: set "
+                        'eval.eval_iters >= 1 and a data.split with a validation part (e.g. "90,5,5")'
+                    )
+
+    # -- running
+
+    def status(self, step: Step, cfg: Mapping[str, Any]) -> str:
+        """ "done" (finished, same config), "resume" (same config, unfinished), "new"; PipelineError on a clash."""
+        cfg_path = os.path.join(step.dir, STEP_CONFIG)
+        old = _read_json(cfg_path) if os.path.isfile(cfg_path) else None
+        finished = self.finished(step, cfg)
+        has_state = finished or os.path.isfile(os.path.join(step.dir, "checkpoints", "latest"))
+        if old is not None and old != cfg:
+            if has_state:
+                raise PipelineError(
+                    f"{step.dir} holds a {step.name} run of a different config ({_diff(old, cfg)}); "
+                    f"delete {step.dir} to retrain it, or use another output_dir"
+                )
+            return "new"
+        if old is None and has_state:
+            raise PipelineError(
+                f"{step.dir} holds a run that this pipeline did not start (no {STEP_CONFIG}); "
+                f"delete it or use another output_dir"
+            )
+        if finished:
+            return "done"
+        return "resume" if has_state else "new"
+
+    def finished(self, step: Step, cfg: Mapping[str, Any]) -> bool:
+        summary_path = os.path.join(step.dir, "train_summary.json")
+        if not os.path.isfile(summary_path):
+            return False
+        summary = _read_json(summary_path)
+        iters = int((cfg.get("schedule") or {}).get("train_iters", -1))
+        if not isinstance(summary, dict) or summary.get("steps") != iters:
+            return False
+        evaluates = int((cfg.get("eval") or {}).get("eval_iters", 1)) > 0
+        if evaluates and not os.path.isfile(os.path.join(step.dir, "eval_summary.json")):
+            return False
+        return step.kind != "proxy" or os.path.isfile(os.path.join(step.dir, "domain_weights.json"))
+
+    def run_step(self, index: int, total: int, step: Step, cfg: dict[str, Any]) -> None:
+        label = f"[{index}/{total}] {step.name}"
+        state = self.status(step, cfg)
+        if state == "done":
+            print(f"{label}: finished earlier, skipped ({step.dir})", flush=True)
+            self.skipped.append(step.name)
+            return
+        os.makedirs(step.dir, exist_ok=True)
+        cfg_path = os.path.join(step.dir, STEP_CONFIG)
+        atomic_write_json(cfg_path, cfg)
+        cmd = build_command(_launcher_for(self.cfg, step.kind, self.source), cfg_path)
+        log_path = os.path.join(step.dir, "train.log")
+        verb = "resuming" if state == "resume" else "training"
+        print(f"{label}: {verb} -> {step.dir} ({shlex.join(cmd)}; log {log_path})", flush=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        t0 = time.time()
+        rc = self.runner(step.name, cmd, log_path, env)
+        if rc != 0:
+            tail = ""
+            if os.path.isfile(log_path):
+                with open(log_path, errors="replace") as fh:
+                    tail = "".join(fh.readlines()[-15:])
+            raise StepFailed(f"step {step.name} failed (exit status {rc}); log {log_path}:\n{tail}")
+        if not self.finished(step, cfg):
+            raise StepFailed(
+                f"step {step.name} exited 0 but its outputs are incomplete in {step.dir} (train_summary.json with "
+                f"{cfg['schedule']['train_iters']} steps, eval_summary.json"
+                + (", domain_weights.json" if step.kind == "proxy" else "")
+                + ")"
+            )
+        self.ran.append(step.name)
+        print(f"{label}: done in {time.time() - t0:.0f}s", flush=True)
+
+    def run(self, dry_run: bool = False) -> dict[str, Any]:
+        from megatron_doremi.report import RoundWeights, write_report
+
+        names = self.domain_names()
+        s1 = self.reference_weights(names)
+        self.validate(names, s1)
+        steps = self.steps()
+        if dry_run:
+            for i, step in enumerate(steps, 1):
+                launcher = _launcher_for(self.cfg, step.kind, self.source)
+                done = self.finished(step, self.merged(step.kind)) if os.path.isdir(step.dir) else False
+                print(f"[{i}/{len(steps)}] {step.name}: {'finished' if done else 'to run'} -> {step.dir} "
+                      f"({launcher})")  # fmt: skip
+            return {"output_dir": self.out, "steps": {s.name: s.dir for s in steps}, "domain_names": names}
+        os.makedirs(self.out, exist_ok=True)
+        atomic_write_json(os.path.join(self.out, "pipeline.json"), self.cfg)
+        weights = s1
+        rounds: list[RoundWeights] = []
+        index = 0
+        by_name = {s.name: s for s in steps}
+        for r in range(1, self.rounds + 1):
+            prefix = "" if r == 1 else f"round{r}/"
+            ref, proxy = by_name[f"{prefix}reference"], by_name[f"{prefix}proxy"]
+            index += 1
+            self.run_step(index, len(steps), ref, self.run_config(ref, weights))
+            index += 1
+            self.run_step(index, len(steps), proxy, self.run_config(proxy, weights, reference_dir=ref.dir))
+            dw = _read_json(os.path.join(proxy.dir, "domain_weights.json"))
+            try:
+                avg = {n: float(dw["average"]["weights"][n]) for n in names}
+                final = {n: float(dw["final"]["weights"][n]) for n in names}
+            except (KeyError, TypeError, ValueError):
+                raise PipelineError(
+                    f"{proxy.dir}/domain_weights.json: expected average/final weights for {names}"
+                ) from None
+            rounds.append(RoundWeights(r, avg, final, proxy.dir, ref.dir, dict(weights)))
+            weights = avg
+        main_step = by_name["main"]
+        index += 1
+        self.run_step(index, len(steps), main_step, self.run_config(main_step, weights))
+        main_eval = base_eval = None
+        runs = {s.name: s.dir for s in steps}
+        if self.cfg["baseline"]:
+            base_step = by_name["baseline"]
+            index += 1
+            self.run_step(index, len(steps), base_step, self.run_config(base_step, s1))
+            main_eval = _read_json(os.path.join(main_step.dir, "eval_summary.json"))
+            base_eval = _read_json(os.path.join(base_step.dir, "eval_summary.json"))
+        report = write_report(
+            self.out, names, s1, rounds, main_eval, base_eval, runs=runs, command=self.command
+        )
+        print("\n" + report.headline, flush=True)
+        print(f"\nreport: {report.report_md}", flush=True)
+        return {
+            "output_dir": self.out,
+            "report_md": report.report_md,
+            "report_json": report.report_json,
+            "plots": report.plots,
+            "headline": report.headline,
+            "comparison": report.comparison,
+            "steps": runs,
+            "domain_names": names,
+            "reference_weights": s1,
+            "doremi_weights": weights,
+            "ran": list(self.ran),
+            "skipped": list(self.skipped),
+        }
+
+
+def run_pipeline(
+    config: str | os.PathLike[str] | Mapping[str, Any],
+    overrides: Sequence[str] | None = None,
+    *,
+    runner: Runner | None = None,
+    echo: bool = True,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) the DoReMi pipeline of ``config`` (a pipeline JSON path or dict; see the module docstring).
+
+    ``overrides``: ``["key.sub=JSON value", ...]`` applied to the pipeline config (e.g.
+    ``base.schedule.train_iters=50``). ``runner`` replaces the subprocess launcher (tests). ``echo`` copies the
+    training output to stdout. Returns the paths (``report_md``, ``report_json``, ``plots``, ``steps``), the
+    headline table, the reference and DoReMi weights and which steps ran or were skipped. Raises PipelineError.
+    """
+    cfg, source = load_pipeline_config(config, list(overrides or ()))
+    command = None
+    if not isinstance(config, Mapping):
+        command = f"python -m megatron_doremi.pipeline --config {config}" + "".join(
+            f" --set {shlex.quote(o)}" for o in overrides or ()
+        )
+    pipe = _Pipeline(cfg, source, runner or _subprocess_runner(echo), echo, command)
+    return pipe.run(dry_run=dry_run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_doremi.pipeline",
+        description="DoReMi: reference (step 1), proxy (step 2), main model on the DoReMi weights (step 3), "
+        "a baseline on the reference weights, and report.md.",
+    )
+    p.add_argument("--config", required=True, help="pipeline JSON (see docs/doremi.md)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pipeline config value (dotted key, JSON value), e.g. base.schedule.train_iters=50")  # fmt: skip
+    p.add_argument(
+        "--dry-run", action="store_true", help="check the configs and print the steps; train nothing"
+    )
+    p.add_argument(
+        "--quiet", action="store_true", help="do not echo the training output (it is in train.log)"
+    )
+    args = p.parse_args(argv)
+    try:
+        run_pipeline(args.config, args.overrides, echo=not args.quiet, dry_run=args.dry_run)
+    except StepFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""The DoReMi pipeline's report: ``report.md`` + ``report.json`` + plots, and the headline table.
+
+Inputs are plain data (no training objects): the domain names, the reference weights, each round's DoReMi
+weights (``domain_weights.json`` ``average``/``final``) and the per-domain validation results of the DoReMi main
+model and the baseline (the trainer's ``eval_summary.json``: ``domains.<name>.loss``, ``token_weighted``,
+``uniform``, ``worst``). A domain *improved* when DoReMi's validation loss is strictly lower than the baseline's.
+
+Outputs in ``out_dir`` (each written under a temporary name, then renamed):
+
+* ``report.md``: the weights table (reference vs DoReMi ᾱ of every round), the per-domain validation loss of
+  DoReMi vs baseline with the token-weighted and uniform averages and the worst case, which domains improved,
+  links to the plots and to each proxy's ``domain_weights.png`` (α over the proxy's steps);
+* ``report.json``: the same numbers;
+* ``weights.png`` (reference vs ᾱ per domain) and ``loss.png`` (baseline vs DoReMi per domain, averages, worst).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_doremi.atomic_io import atomic_write, atomic_write_json, atomic_write_text
+
+__all__ = ["ReportError", "ReportResult", "RoundWeights", "compare_evals", "headline_table", "write_report"]
+
+
+class ReportError(ValueError):
+    """Missing or malformed report inputs; the message names the file or key."""
+
+
+@dataclass
+class RoundWeights:
+    """One DoReMi round: its ᾱ (what the next step trains on), its final α, and where its runs live."""
+
+    round: int
+    average: dict[str, float]
+    final: dict[str, float]
+    proxy_dir: str | None = None
+    reference_dir: str | None = None
+    reference_weights: dict[str, float] | None = None
+
+
+@dataclass
+class ReportResult:
+    """Paths of the written files, the comparison numbers and the printed headline table."""
+
+    report_md: str
+    report_json: str
+    plots: list[str] = field(default_factory=list)
+    headline: str = ""
+    comparison: dict[str, Any] | None = None
+
+
+def _eval_losses(summary: Mapping[str, Any], names: Sequence[str], what: str) -> dict[str, float]:
+    domains = summary.get("domains")
+    if not isinstance(domains, Mapping):
+        raise ReportError(f"{what}: no 'domains' in the evaluation summary")
+    out = {}
+    for n in names:
+        entry = domains.get(n)
+        loss = entry.get("loss") if isinstance(entry, Mapping) else entry
+        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            raise ReportError(f"{what}: domain {n!r} has no finite validation loss ({loss!r})")
+        out[n] = float(loss)
+    return out
+
+
+def compare_evals(
+    names: Sequence[str],
+    doremi: Mapping[str, Any],
+    baseline: Mapping[str, Any],
+    what: tuple[str, str] = ("DoReMi main eval", "baseline eval"),
+) -> dict[str, Any]:
+    """Per-domain and aggregate comparison of two ``eval_summary.json`` dicts (DoReMi first).
+
+    Returns ``{"domains": {name: {"baseline", "doremi", "delta", "improved"}}, "token_weighted", "uniform",
+    "worst": {"baseline", "doremi", "delta", "baseline_domain", "doremi_domain"}, "improved": [names],
+    "worse": [names]}``. ``delta = doremi - baseline`` (negative is better). Token-weighted averages weight each
+    domain by its evaluated tokens (from the summaries); the uniform average and the worst case are recomputed
+    from the per-domain losses.
+    """
+    d_loss = _eval_losses(doremi, names, what[0])
+    b_loss = _eval_losses(baseline, names, what[1])
+
+    def tokens(summary: Mapping[str, Any], n: str) -> float:
+        entry = summary["domains"].get(n)
+        t = entry.get("tokens") if isinstance(entry, Mapping) else None
+        return float(t) if isinstance(t, (int, float)) and t > 0 else 1.0
+
+    def weighted(losses: dict[str, float], summary: Mapping[str, Any]) -> float:
+        w = {n: tokens(summary, n) for n in names}
+        return math.fsum(losses[n] * w[n] for n in names) / math.fsum(w.values())
+
+    domains = {}
+    for n in names:
+        delta = d_loss[n] - b_loss[n]
+        domains[n] = {"baseline": b_loss[n], "doremi": d_loss[n], "delta": delta, "improved": delta < 0}
+    agg = {}
+    for key, fn in (
+        ("token_weighted", weighted),
+        ("uniform", lambda losses, _s: math.fsum(losses.values()) / len(losses)),
+    ):
+        b, d = fn(b_loss, baseline), fn(d_loss, doremi)
+        agg[key] = {"baseline": b, "doremi": d, "delta": d - b}
+    bw, dw = max(names, key=b_loss.__getitem__), max(names, key=d_loss.__getitem__)
+    agg["worst"] = {
+        "baseline": b_loss[bw],
+        "doremi": d_loss[dw],
+        "delta": d_loss[dw] - b_loss[bw],
+        "baseline_domain": bw,
+        "doremi_domain": dw,
+    }
+    return {
+        "domains": domains,
+        **agg,
+        "improved": [n for n in names if domains[n]["improved"]],
+        "worse": [n for n in names if not domains[n]["improved"]],
+    }
+
+
+def headline_table(
+    names: Sequence[str],
+    reference: Mapping[str, float],
+    doremi_weights: Mapping[str, float],
+    comparison: Mapping[str, Any] | None,
+) -> str:
+    """The plain-text table the pipeline prints: weights and (when compared) validation losses per domain."""
+    width = max(len("token-weighted avg"), *(len(n) for n in names))
+    head = f"{'domain':<{width}}  {'ref w':>7}  {'DoReMi w':>8}"
+    if comparison is not None:
+        head += f"  {'baseline':>9}  {'DoReMi':>9}  {'Δ loss':>8}"
+    lines = [head, "-" * len(head)]
+    for n in names:
+        row = f"{n:<{width}}  {reference[n]:>7.4f}  {doremi_weights[n]:>8.4f}"
+        if comparison is not None:
+            c = comparison["domains"][n]
+            mark = "  better" if c["improved"] else ""
+            row += f"  {c['baseline']:>9.4f}  {c['doremi']:>9.4f}  {c['delta']:>+8.4f}{mark}"
+        lines.append(row)
+    if comparison is not None:
+        pad = " " * (width + 19)
+        for key, label in (("token_weighted", "token-weighted avg"), ("uniform", "uniform avg")):
+            c = comparison[key]
+            lines.append(
+                f"{label:<{width}}{pad[width:]}  {c['baseline']:>9.4f}  {c['doremi']:>9.4f}  {c['delta']:>+8.4f}"
+            )
+        w = comparison["worst"]
+        lines.append(
+            f"{'worst case':<{width}}{pad[width:]}  {w['baseline']:>9.4f}  {w['doremi']:>9.4f}  {w['delta']:>+8.4f}"
+            f"  ({w['baseline_domain']} / {w['doremi_domain']})"
+        )
+        k = len(comparison["improved"])
+        lines.append(
+            f"DoReMi improves {k} of {len(names)} domains"
+            + (f": {', '.join(comparison['improved'])}" if k else "")
+        )
+    return "\n".join(lines)
+
+
+def _rel(path: str | None, start: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return os.path.relpath(path, start)
+    except ValueError:  # another drive (Windows)
+        return path
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _plot_weights(
+    path: str, names: Sequence[str], reference: Mapping[str, float], rounds: Sequence[RoundWeights]
+) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series = [("reference", [reference[n] for n in names])]
+    series += [
+        (f"DoReMi ᾱ round {r.round}" if len(rounds) > 1 else "DoReMi ᾱ", [r.average[n] for n in names])
+        for r in rounds
+    ]
+    fig = Figure(figsize=(max(6.0, 0.7 * len(names) + 2), 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series):
+        ax.bar(
+            [x + (i - (len(series) - 1) / 2) * width for x in range(len(names))], values, width, label=label
+        )
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(
+        names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center"
+    )
+    ax.set_ylabel("domain weight")
+    ax.set_title("domain weights: reference vs DoReMi")
+    ax.legend(fontsize="small")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _plot_loss(path: str, names: Sequence[str], comparison: Mapping[str, Any]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = list(names) + ["token-wtd avg", "uniform avg", "worst"]
+    base = [comparison["domains"][n]["baseline"] for n in names]
+    ours = [comparison["domains"][n]["doremi"] for n in names]
+    for key in ("token_weighted", "uniform", "worst"):
+        base.append(comparison[key]["baseline"])
+        ours.append(comparison[key]["doremi"])
+    fig = Figure(figsize=(max(6.0, 0.7 * len(labels) + 2), 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], base, 0.4, label="baseline (reference weights)")
+    ax.bar([x + 0.2 for x in xs], ours, 0.4, label="DoReMi (ᾱ)")
+    lo = min(base + ours)
+    ax.set_ylim(bottom=max(0.0, lo - 0.1 * (max(base + ours) - lo + 1e-9) - 0.05))
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=45, ha="right")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("per-domain validation loss of the main models")
+    ax.legend(fontsize="small")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _save_fig(fig: Any, path: str) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    data = buf.getvalue()
+    atomic_write(path, lambda fh: fh.write(data), mode="wb")
+
+
+def write_report(
+    out_dir: str,
+    names: Sequence[str],
+    reference_weights: Mapping[str, float],
+    rounds: Sequence[RoundWeights],
+    main_eval: Mapping[str, Any] | None = None,
+    baseline_eval: Mapping[str, Any] | None = None,
+    runs: Mapping[str, str] | None = None,
+    command: str | None = None,
+    plots: bool = True,
+) -> ReportResult:
+    """Write ``report.md``, ``report.json`` and the plots into ``out_dir`` (see the module docstring).
+
+    ``rounds`` (at least one) in order; the last round's ᾱ is what the main model trained on. ``runs`` maps a
+    label (``"main"``, ``"baseline"``, ...) to a run directory for the links. ``main_eval``/``baseline_eval``:
+    both or neither (then the report has the weights only).
+    """
+    names = list(names)
+    if not rounds:
+        raise ReportError("the report needs at least one DoReMi round's weights")
+    for what, mapping in [("reference_weights", reference_weights)] + [
+        (f"round {r.round} average weights", r.average) for r in rounds
+    ]:
+        missing = [n for n in names if n not in mapping]
+        if missing:
+            raise ReportError(f"{what}: missing domain(s) {missing}")
+    comparison = None
+    if (main_eval is None) != (baseline_eval is None):
+        raise ReportError("main_eval and baseline_eval must be given together")
+    if main_eval is not None and baseline_eval is not None:
+        comparison = compare_evals(names, main_eval, baseline_eval)
+    final = rounds[-1]
+    md_path, json_path = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.json")
+    plot_paths = []
+    if plots:
+        plot_paths.append(os.path.join(out_dir, "weights.png"))
+        _plot_weights(plot_paths[-1], names, reference_weights, rounds)
+        if comparison is not None:
+            plot_paths.append(os.path.join(out_dir, "loss.png"))
+            _plot_loss(plot_paths[-1], names, comparison)
+
+    lines = ["# DoReMi pipeline report", ""]
+    lines.append(
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}" + (f" by `{command}`." if command else ".")
+    )
+    lines.append("")
+    if runs:
+        lines.append("Runs: " + ", ".join(f"{k} `{_rel(v, out_dir)}`" for k, v in runs.items()) + ".")
+        lines.append("")
+    lines += ["## Domain weights", ""]
+    lines.append(
+        "Reference weights: what the reference model (step 1) and the baseline trained on. DoReMi ᾱ: the proxy's "
+        "(step 2) domain weights averaged over its updates; the main model (step 3) trained on the last round's ᾱ."
+    )
+    lines.append("")
+    header = ["domain", "reference"]
+    header += [f"DoReMi ᾱ (round {r.round})" for r in rounds] if len(rounds) > 1 else ["DoReMi ᾱ"]
+    header += ["final α", "ᾱ / reference"]
+    rows = []
+    for n in names:
+        row = [n, f"{reference_weights[n]:.4f}"] + [f"{r.average[n]:.4f}" for r in rounds]
+        ratio = final.average[n] / reference_weights[n] if reference_weights[n] > 0 else float("inf")
+        row += [f"{final.final[n]:.4f}", f"{ratio:.2f}x"]
+        rows.append(row)
+    lines += _md_table(header, rows)
+    lines.append("")
+    up = [n for n in names if final.average[n] > 1.01 * reference_weights[n]]
+    down = [n for n in names if final.average[n] < 0.99 * reference_weights[n]]
+    same = [n for n in names if n not in up and n not in down]
+    lines.append(
+        f"DoReMi up-weights {', '.join(up) or 'no domain'} and down-weights {', '.join(down) or 'no domain'}"
+        + (f"; {', '.join(same)} within 1% of the reference." if same else ".")
+    )
+    lines.append("")
+    if plots:
+        lines += ["![domain weights](weights.png)", ""]
+    for r in rounds:
+        if r.proxy_dir and os.path.isfile(os.path.join(r.proxy_dir, "domain_weights.png")):
+            png = _rel(os.path.join(r.proxy_dir, "domain_weights.png"), out_dir)
+            lines += [f"α over the proxy's steps (round {r.round}): ![round {r.round}]({png})", ""]
+
+    if comparison is not None:
+        lines += ["## Validation loss: DoReMi main model vs baseline", ""]
+        lines.append(
+            "Per-domain validation loss (nats/token, each domain's held-out samples, from each run's "
+            "`eval_summary.json`). Δ = DoReMi − baseline; negative is better."
+        )
+        lines.append("")
+        rows = []
+        for n in names:
+            c = comparison["domains"][n]
+            rows.append(
+                [
+                    n,
+                    f"{c['baseline']:.4f}",
+                    f"{c['doremi']:.4f}",
+                    f"{c['delta']:+.4f}",
+                    "yes" if c["improved"] else "no",
+                ]
+            )
+        for key, label in (
+            ("token_weighted", "**token-weighted average**"),
+            ("uniform", "**uniform average**"),
+        ):
+            c = comparison[key]
+            rows.append([label, f"{c['baseline']:.4f}", f"{c['doremi']:.4f}", f"{c['delta']:+.4f}", ""])
+        w = comparison["worst"]
+        rows.append(
+            [
+                "**worst case**",
+                f"{w['baseline']:.4f} ({w['baseline_domain']})",
+                f"{w['doremi']:.4f} ({w['doremi_domain']})",
+                f"{w['delta']:+.4f}",
+                "",
+            ]
+        )
+        lines += _md_table(["domain", "baseline", "DoReMi", "Δ", "improved"], rows)
+        lines.append("")
+        k = len(comparison["improved"])
+        lines.append(
+            f"DoReMi improves {k} of {len(names)} domains"
+            + (f" ({', '.join(comparison['improved'])})" if k else "")
+            + (f"; worse on {', '.join(comparison['worse'])}." if comparison["worse"] else ".")
+        )
+        lines.append(
+            f"Uniform average {comparison['uniform']['delta']:+.4f}, token-weighted average "
+            f"{comparison['token_weighted']['delta']:+.4f}, worst case {w['delta']:+.4f}."
+        )
+        lines.append("")
+        if plots:
+            lines += ["![validation loss](loss.png)", ""]
+    headline = headline_table(names, reference_weights, final.average, comparison)
+    lines += ["## Headline", "", "```", headline, "```", ""]
+    atomic_write_text(md_path, "\n".join(lines))
+    doc = {
+        "domain_names": names,
+        "reference_weights": dict(reference_weights),
+        "rounds": [
+            {
+                "round": r.round,
+                "average": r.average,
+                "final": r.final,
+                "proxy_dir": r.proxy_dir,
+                "reference_dir": r.reference_dir,
+                "reference_weights": r.reference_weights,
+            }
+            for r in rounds
+        ],
+        "doremi_weights": final.average,
+        "comparison": comparison,
+        "runs": dict(runs or {}),
+    }
+    atomic_write_json(json_path, doc, indent=1)
+    return ReportResult(md_path, json_path, plot_paths, headline, comparison)
