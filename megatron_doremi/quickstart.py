@@ -4,16 +4,17 @@
 
 Trains a small byte-level BPE tokenizer on the sample, tokenizes every domain into Megatron ``.bin/.idx``
 shards, writes the mixture in both forms, blends the domains and reads batches through the distributed loader
-(printing per-domain document/token counts and the blend's realised proportions), then trains a tiny Llama-style
-model on the mixture with the DeepSpeed trainer and prints its per-domain validation table. Steps whose outputs
-already exist are skipped (``--force`` redoes them).
+(printing per-domain document/token counts and the blend's realised proportions), then runs the DoReMi pipeline
+with a tiny Llama-style model (reference, proxy, main model on the DoReMi weights, baseline on the reference
+weights) and prints the report's headline table. Steps whose outputs already exist are skipped (``--force`` redoes
+the data).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -95,44 +96,38 @@ def blend_summary(
     print(f"read {total / elapsed:,.0f} samples/s through the loader")
 
 
-def train_config(out: Path, train_iters: int, seq_length: int) -> dict:
-    """Run config of the quickstart's static-mixture run: tiny model, ZeRO-3, fp32 on CPU."""
-    run_dir = out / "static"
-    return {
-        "model": str(REPO_DIR / "examples" / "models" / "tiny.json"),
-        "tokenizer": str(out / "tokenizer"),
-        "data": {"mixture": str(out / "mixture.json"), "split": "90,5,5"},
-        "mixer": {"type": "static"},
-        "schedule": {
-            "seq_length": seq_length,
-            "micro_batch_size": 8,
-            "global_batch_size": 16,
-            "train_iters": train_iters,
-            "lr": 3e-3,
-            "min_lr": 3e-4,
-            "warmup_iters": max(1, train_iters // 10),
-            "lr_decay_style": "cosine",
-        },
-        "eval": {"eval_interval": 0, "eval_iters": 2},
-        "checkpoint": {
-            "save": str(run_dir / "checkpoints"),
-            "save_interval": 0,
-            "load": str(run_dir / "checkpoints"),
-        },
-        "output_dir": str(run_dir),
-        "deepspeed_config": str(REPO_DIR / "examples" / "ds_configs" / "zero3.json"),
-        "progress_bar": False,
-        "log_interval": max(1, train_iters // 5),
-    }
+def run_doremi(out: Path, train_iters: int | None, echo: bool) -> int:
+    """The DoReMi pipeline of ``examples/quickstart/pipeline.json`` on the prepared data, under ``out/doremi``.
 
+    Reference (uniform weights), proxy (Group DRO against it), main model on the averaged weights and a baseline
+    on the reference weights, then ``report.md``; the pipeline prints the headline table.
+    """
+    from megatron_doremi.pipeline import PipelineError, StepFailed, run_pipeline
 
-def train_static(out: Path, train_iters: int, seq_length: int) -> int:
-    """Train the tiny model on the mixture in one process; prints the trainer's per-domain eval table."""
-    config = out / "static_run.json"
-    atomic_write_json(config, train_config(out, train_iters, seq_length))
-    print(f"\n[4/4] training a tiny model on the mixture ({train_iters} steps): {config}", flush=True)
-    cmd = [sys.executable, "-m", "megatron_doremi.train", "--config", str(config)]
-    return subprocess.run(cmd, check=False).returncode
+    overrides = [
+        f"output_dir={json.dumps(str(out / 'doremi'))}",
+        f"base.tokenizer={json.dumps(str(out / 'tokenizer'))}",
+        f"base.data.mixture={json.dumps(str(out / 'mixture.json'))}",
+        f"base.model={json.dumps(str(REPO_DIR / 'examples' / 'models' / 'tiny.json'))}",
+        f"base.deepspeed_config={json.dumps(str(REPO_DIR / 'examples' / 'ds_configs' / 'zero3.json'))}",
+    ]
+    if train_iters is not None:
+        overrides += [
+            f"base.schedule.train_iters={train_iters}",
+            f"base.schedule.warmup_iters={max(1, train_iters // 10)}",
+            f"base.checkpoint.save_interval={max(1, train_iters // 2)}",
+            f"base.log_interval={max(1, train_iters // 4)}",
+        ]
+    print(
+        "\n[4/4] DoReMi: reference, proxy, main and baseline runs (examples/quickstart/pipeline.json)",
+        flush=True,
+    )
+    try:
+        run_pipeline(REPO_DIR / "examples" / "quickstart" / "pipeline.json", overrides, echo=echo)
+    except (StepFailed, PipelineError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
     parser.add_argument("--no-train", dest="train", action="store_false", help="stop after the blend summary")
-    parser.add_argument("--train-iters", type=int, default=150, help="steps of the tiny model's training run")
+    parser.add_argument(
+        "--train-iters",
+        type=int,
+        default=None,
+        help="steps of every DoReMi run (default: the pipeline config's)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="keep the trainers' output in their train.log only"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()  # mixture.json holds absolute prefixes: it loads from any directory
     try:
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.train:
-        return train_static(out, args.train_iters, args.seq_length)
+        return run_doremi(out, args.train_iters, echo=not args.quiet)
     return 0
 
 

@@ -13,7 +13,7 @@ from megatron_doremi.data.mixture import Mixture
 def test_quickstart_prints_counts_and_realised_proportions(tmp_path):
     out = tmp_path / "qs"
     cmd = [sys.executable, "-m", "megatron_doremi.quickstart", "--out", str(out), "--vocab-size", "2048"]
-    cmd += ["--steps", "50", "--workers", "1", "--train-iters", "8"]
+    cmd += ["--steps", "50", "--workers", "1", "--train-iters", "4", "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
@@ -36,13 +36,21 @@ def test_quickstart_prints_counts_and_realised_proportions(tmp_path):
     )
     np.testing.assert_allclose(mixture.weights, tokens / tokens.sum(), rtol=1e-9)
     json.loads((out / "tokenizer" / "tokenizer.json").read_text())
-    # the tiny model trained on the mixture and its per-domain validation table was printed
-    summary = json.loads((out / "static" / "eval_summary.json").read_text())
-    assert set(summary["domains"]) == set(mixture.names)
-    assert "final evaluation" in text
-    for name in mixture.names:
-        row = re.search(rf"^\s+{name}\s+(\d+\.\d+)\s+(\d+\.\d+)", text, re.MULTILINE)
-        assert row and abs(float(row.group(1)) - summary["domains"][name]["loss"]) < 1e-3
+    # the DoReMi pipeline ran (reference, proxy, main, baseline) and printed the report's headline table
+    doremi = out / "doremi"
+    weights = json.loads((doremi / "proxy" / "domain_weights.json").read_text())
+    avg = Mixture.from_dict(weights["average"]["mixture"])
+    assert avg.names == mixture.names and abs(avg.weights.sum() - 1) < 1e-9
+    assert (doremi / "report.md").exists()
+    for run in ("reference", "proxy", "main", "baseline"):
+        summary = json.loads((doremi / run / "eval_summary.json").read_text())
+        assert set(summary["domains"]) == set(mixture.names)
+    main_eval = json.loads((doremi / "main" / "eval_summary.json").read_text())
+    for name, w in zip(mixture.names, avg.weights):
+        row = re.search(rf"^{name}\s+0\.2500\s+(\d\.\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)", text, re.MULTILINE)
+        assert row, f"no headline row for {name}:\n{text[-2500:]}"
+        assert abs(float(row.group(1)) - w) < 1e-4
+        assert abs(float(row.group(3)) - main_eval["domains"][name]["loss"]) < 1e-3
     # a second run reuses every output
     again = subprocess.run([*cmd, "--no-train"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "shard exists" in again.stdout and "tokenizer exists" in again.stdout
