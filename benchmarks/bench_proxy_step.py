@@ -18,7 +18,6 @@ Runs as one process (rank 0 of 1, ZeRO-3 by default) on random-token shards writ
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -26,43 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def write_data(out: Path, vocab: int, domains: int, tokens_per_domain: int) -> Path:
-    """``domains`` shards of random tokens (documents of 200-2000 tokens) and their mixture JSON."""
-    from megatron_doremi.data.indexed import IndexedDatasetWriter
-
-    rng = np.random.default_rng(0)
-    spec = {}
-    dtype = np.uint16 if vocab < 65500 else np.int32
-    for d in range(domains):
-        prefix = str(out / f"dom{d}_text_document")
-        with IndexedDatasetWriter(prefix, dtype) as w:
-            left = tokens_per_domain
-            while left > 0:
-                n = int(min(left, rng.integers(200, 2000)))
-                w.add_document(rng.integers(0, vocab, n))
-                left -= n
-        spec[f"dom{d}"] = {"prefixes": [prefix], "weight": 1.0}
-    path = out / "mixture.json"
-    path.write_text(json.dumps({"domains": spec}))
-    return path
+from _trainer_bench import add_common_args, device_name, run_config, write_data
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(REPO / "examples" / "models" / "tiny.json"))
-    p.add_argument("--ds-config", default=str(REPO / "examples" / "ds_configs" / "zero3.json"))
-    p.add_argument("--seq-length", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--global-batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=10, help="steps of each trainer per round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds (steps x rounds measured steps per trainer)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--domains", type=int, default=4)
+    add_common_args(p, "trainer")
     p.add_argument("--reference-mode", default="auto", choices=("auto", "replicated", "zero3"))
     args = p.parse_args()
 
@@ -77,32 +45,12 @@ def main() -> int:
     try:
         steps_total = args.steps * args.rounds + args.warmup + 2
         tokens_needed = args.global_batch * (args.seq_length + 1) * steps_total * 2
-        mixture = write_data(
-            tmp, model["vocab_size"], args.domains, max(tokens_needed // args.domains, 200_000)
-        )
+        tokens_per_domain = max(tokens_needed // args.domains, 200_000)
+        mixture = write_data(tmp, model["vocab_size"], args.domains, tokens_per_domain, [1.0] * args.domains)
 
         def config(name: str, mixer: dict) -> object:
-            return load_run_config(
-                None,
-                base={
-                    "model": model,
-                    "data": {"mixture": str(mixture), "split": "99,1,0"},
-                    "mixer": mixer,
-                    "schedule": {
-                        "seq_length": args.seq_length,
-                        "micro_batch_size": args.micro_batch,
-                        "global_batch_size": args.global_batch,
-                        "train_iters": 10**6,
-                        "lr": 1e-4,
-                        "warmup_iters": 10,
-                    },  # fmt: skip
-                    "checkpoint": {"save": str(tmp / name / "ckpt")},
-                    "deepspeed_config": args.ds_config,
-                    "output_dir": str(tmp / name),
-                    "progress_bar": False,
-                    "tensorboard": False,
-                },
-            )
+            extra = {"mixer": mixer, "checkpoint": {"save": str(tmp / name / "ckpt")}}
+            return load_run_config(None, base=run_config(args, model, mixture, tmp / name, **extra))
 
         static = Trainer(config("static", {"type": "static"}))
         static.save()  # the reference checkpoint (weights at step 0: the cost does not depend on them)
@@ -132,9 +80,7 @@ def main() -> int:
                     ref_times.append(t_ref)
         med = {k: statistics.median(v) for k, v in times.items()}
         tokens = args.global_batch * args.seq_length
-        device = (
-            torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-        )
+        device = device_name(dev)
         print(
             f"model {Path(args.model).name} ({static.num_params / 1e6:.1f}M params), ZeRO stage "
             f"{zero_stage(static.ds_config)}, reference {proxy.reference.mode}, L={args.seq_length}, "

@@ -17,7 +17,6 @@ Runs as one process (rank 0 of 1, ZeRO-3 by default) on random-token shards writ
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,42 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def write_data(out: Path, vocab: int, domains: int, tokens_per_domain: int) -> Path:
-    from megatron_doremi.data.indexed import IndexedDatasetWriter
-
-    rng = np.random.default_rng(0)
-    spec = {}
-    dtype = np.uint16 if vocab < 65500 else np.int32
-    for d in range(domains):
-        prefix = str(out / f"dom{d}_text_document")
-        with IndexedDatasetWriter(prefix, dtype) as w:
-            left = tokens_per_domain
-            while left > 0:
-                n = int(min(left, rng.integers(200, 2000)))
-                w.add_document(rng.integers(0, vocab, n))
-                left -= n
-        spec[f"dom{d}"] = {"prefixes": [prefix], "weight": float(d + 1)}
-    path = out / "mixture.json"
-    path.write_text(json.dumps({"domains": spec}))
-    return path
+from _trainer_bench import add_common_args, device_name, run_config, write_data
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(REPO / "examples" / "models" / "tiny.json"))
-    p.add_argument("--ds-config", default=str(REPO / "examples" / "ds_configs" / "zero3.json"))
-    p.add_argument("--seq-length", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--global-batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=10, help="steps of each loop per round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds (steps x rounds measured steps per loop)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--domains", type=int, default=4)
+    add_common_args(p, "loop")
     p.add_argument(
         "--peak-tflops", type=float, default=989.0, help="per-GPU dense bf16 peak for MFU (H100 SXM)"
     )
@@ -74,26 +43,10 @@ def main() -> int:
     model = read_json(args.model, "model config")
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     tokens_needed = args.global_batch * args.seq_length * (args.steps * args.rounds * 2 + args.warmup * 2 + 4)
-    mixture = write_data(tmp, model["vocab_size"], args.domains, max(tokens_needed // args.domains, 200_000))
-    cfg = load_run_config(
-        None,
-        base={
-            "model": model,
-            "data": {"mixture": str(mixture), "split": "99,1,0"},
-            "schedule": {
-                "seq_length": args.seq_length,
-                "micro_batch_size": args.micro_batch,
-                "global_batch_size": args.global_batch,
-                "train_iters": 10**6,
-                "lr": 1e-4,
-                "warmup_iters": 10,
-            },  # fmt: skip
-            "deepspeed_config": args.ds_config,
-            "output_dir": str(tmp / "run"),
-            "progress_bar": False,
-            "tensorboard": False,
-        },
-    )
+    tokens_per_domain = max(tokens_needed // args.domains, 200_000)
+    weights = [float(d + 1) for d in range(args.domains)]
+    mixture = write_data(tmp, model["vocab_size"], args.domains, tokens_per_domain, weights)
+    cfg = load_run_config(None, base=run_config(args, model, mixture, tmp / "run"))
     trainer = Trainer(cfg)
     engine, loader, dev = trainer.engine, trainer.loader, trainer.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -129,9 +82,7 @@ def main() -> int:
     tokens = args.global_batch * args.seq_length
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     n_params = trainer.num_params
-    device = (
-        torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    )
+    device = device_name(dev)
     print(
         f"model {os.path.basename(args.model)} ({n_params / 1e6:.1f}M params), ZeRO stage "
         f"{cfg_stage(trainer)}, L={args.seq_length}, micro {args.micro_batch}, global {args.global_batch}, {device}"

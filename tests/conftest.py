@@ -2,10 +2,44 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from megatron_doremi.data.indexed import IndexedDatasetWriter
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a launcher's master port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env() -> dict[str, str]:
+    """This environment for a child launcher: no inherited rank variables, the repo importable, 1 OMP thread."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def run_checked(cmd: list[str], timeout: int, ok: bool = True) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in the repo with :func:`launch_env`; with ``ok``, assert it exited 0 (showing its output)."""
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    if ok:
+        assert proc.returncode == 0, (
+            f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+        )
+    return proc
 
 
 def write_shard(prefix: str, documents: list[np.ndarray], dtype: np.dtype = np.uint16) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 from megatron_doremi.training.config import ConfigError, load_run_config
+from tests.conftest import free_port, launch_env, run_checked
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 128
@@ -112,28 +112,8 @@ def base_config(mixture: Path, **extra) -> dict:
 # ---- helpers ----------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def _run(cmd: list[str], timeout: int = 300, ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-    if ok:
-        assert proc.returncode == 0, (
-            f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
-        )
-    return proc
+    return run_checked(cmd, timeout, ok)
 
 
 def _write(path: Path, cfg: dict) -> Path:
@@ -145,7 +125,7 @@ def _write(path: Path, cfg: dict) -> Path:
 def _train(cfg_path: Path, ranks: int = 1, **kw) -> subprocess.CompletedProcess:
     if ranks == 1:
         return _run([sys.executable, "-m", "megatron_doremi.train", "--config", str(cfg_path)], **kw)
-    return _run(["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), "--module",
+    return _run(["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module",
                  "megatron_doremi.train", "--config", str(cfg_path)], **kw)  # fmt: skip
 
 
@@ -315,7 +295,7 @@ def test_sigkill_and_resume_continue_the_same_alpha_trajectory(data, accum_one, 
     cfg_path = _write(tmp_path / "killed.json", proxy_config(data, run_dir, checkpoint=ckpt,
                                                              debug={"step_sleep_s": 0.4}))  # fmt: skip
     cmd = [sys.executable, "-m", "megatron_doremi.train", "--config", str(cfg_path)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     try:
         deadline = time.time() + 120

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from megatron_doremi.data.mixture import Mixture
-from tests.conftest import write_shard
+from tests.conftest import launch_env, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def _regmix(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_doremi.regmix", *args],
         cwd=cwd,
-        env=env,
+        env=launch_env(),
         capture_output=True,
         text=True,
         timeout=900,

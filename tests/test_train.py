@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import free_port, launch_env, run_checked
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "quickstart" / "data"
 STEPS = 8
@@ -27,31 +28,12 @@ STEPS = 8
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def _run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (
-        f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
-    )
-    return proc
+    return run_checked(cmd, timeout)
 
 
 def _deepspeed(*args: str) -> list[str]:
-    return ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", *args]
+    return ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", *args]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -202,7 +184,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(reference, data, 
     run_dir = tmp_path / "killed"
     cfg = _config(data, run_dir, debug={"dump_samples": False, "step_sleep_s": 0.7})
     cmd = _deepspeed("megatron_doremi.train", "--config", str(cfg))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     try:
         deadline = time.time() + 180
@@ -231,7 +213,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(reference, data, 
 def test_two_torchrun_nodes_on_localhost_match_the_deepspeed_launch(reference, data, tmp_path):
     run_dir = tmp_path / "nodes"
     cfg = _config(data, run_dir, checkpoint={}, debug={}, eval={"eval_interval": 0, "eval_iters": 1})
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             [
@@ -252,7 +234,7 @@ def test_two_torchrun_nodes_on_localhost_match_the_deepspeed_launch(reference, d
                 str(cfg),
             ],
             cwd=REPO,
-            env=_env(),
+            env=launch_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -274,7 +256,7 @@ def test_standalone_evaluate_and_hf_export(reference, data, tmp_path):
 
     cfg = reference.parent / "ref.json"
     out_json, logits_file = tmp_path / "eval.json", tmp_path / "logits.pt"
-    port = str(_free_port())
+    port = str(free_port())
     _run(["torchrun", "--nproc_per_node", "2", "--master_port", port, "-m", "megatron_doremi.evaluate",
           "--config", str(cfg), "--checkpoint", str(reference / "ckpt"), "--output", str(out_json),
           "--dump-logits", str(logits_file)])  # fmt: skip
