@@ -43,16 +43,22 @@ if torch is not None and os.environ.get("MEGATRON_DOREMI_SKIP_OPS_BUILD", "0") !
             ["csrc/domain_loss.cpp"],
             extra_compile_args=["-O3", "-fopenmp"],
             extra_link_args=["-fopenmp"],
+            optional=True,  # a failed build only warns: the op is then JIT-built on first use
         )
     )
     if torch.version.cuda and CUDA_HOME:
+        # Without a visible GPU torch cannot infer the architectures (and fails on an empty list): default
+        # to the targets the kernel is written for, Ampere and Hopper.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext_modules.append(
             CUDAExtension(
                 "megatron_doremi._domain_loss_cuda",
                 ["csrc/domain_loss_cuda_binding.cpp", "csrc/domain_loss_cuda.cu"],
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+                optional=True,
             )
         )
+
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 setup(
