@@ -6,8 +6,9 @@
 //       Megatron-LM's build_blending_indices greedy for samples start..start+n-1, resuming from `counts`.
 //   blend_exact_megatron(weights f64[D], domain_out u8|u16[n], sample_out i64[n])
 //       a plain re-implementation of Megatron's loop (int64 counters); a benchmark baseline.
-//   blend_period_table(counts i64[D], period, table_out u8|u16|i32[limit], rank_out i32[limit])
-//       The first `limit` slots of the earliest-deadline-first period schedule (see blending.py).
+//   blend_period_table(counts i64[D], period, table_out u8|u16|i32[limit], rank_out i32[limit], lag i64[D]|None)
+//       The first `limit` slots of the earliest-deadline-first period schedule (see blending.py); with `lag`,
+//       the schedule of a segment that starts owing lag[d] / period samples of domain d.
 //   blend_lookup(table, rank, counts, offsets, period, start, indices i64[n], domain_out i64[n], index_out i64[n])
 //   blend_lookup_range(table, rank, counts, offsets, period, start, first, domain_out i64[n], index_out i64[n])
 #include <pybind11/numpy.h>
@@ -260,7 +261,52 @@ bool period_loop(const int64_t* m, int64_t D, int64_t P, int64_t limit, TT* tabl
   return true;
 }
 
-void blend_period_table(py::array counts, int64_t period, py::array table_out, py::array rank_out) {
+inline int64_t floor_div(int64_t a, int64_t b) {  // b > 0
+  const int64_t q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+// EDF with per-domain lags (blending.py: _build_lagged_table_py). Domain d is owed lag[d] / P samples when the
+// period starts: job k is released at max(0, floor((k P - lag) / m)) and due at
+// min(P - 1, max(release, ceil(((k + 1) P - lag) / m) - 1)); a slot with no released job takes the earliest
+// released one early. Divisions per job (this table is only built for segments after the first).
+template <typename TT>
+void lagged_period_loop(const int64_t* m, const int64_t* lag, int64_t D, int64_t P, int64_t limit, TT* table,
+                        int32_t* rank) {
+  constexpr uint64_t kLow = 0xffffffffULL;
+  auto release = [&](int64_t d, int64_t k) { return std::max<int64_t>(0, floor_div(k * P - lag[d], m[d])); };
+  auto deadline = [&](int64_t d, int64_t k) {
+    const int64_t due = -floor_div(lag[d] - (k + 1) * P, m[d]) - 1;  // ceil(((k + 1) P - lag) / m) - 1
+    return std::min<int64_t>(P - 1, std::max(release(d, k), due));
+  };
+  auto key = [](int64_t when, int64_t d) { return (static_cast<uint64_t>(when) << 32) | static_cast<uint64_t>(d); };
+  KeyHeap ready(static_cast<size_t>(D));
+  KeyHeap pending(static_cast<size_t>(D));
+  std::vector<int64_t> c(D, 0);
+  for (int64_t d = 0; d < D; ++d) {
+    if (m[d] > 0) pending.push(key(release(d, 0), d));
+  }
+  for (int64_t i = 0; i < limit; ++i) {
+    while (!pending.empty() && static_cast<int64_t>(pending.top() >> 32) <= i) {
+      const int64_t d = static_cast<int64_t>(pending.top() & kLow);
+      pending.pop();
+      ready.push(key(deadline(d, c[d]), d));
+    }
+    if (ready.empty()) {  // nothing released: the earliest-released job runs early
+      const int64_t d = static_cast<int64_t>(pending.top() & kLow);
+      pending.pop();
+      ready.push(key(deadline(d, c[d]), d));
+    }
+    const int64_t d = static_cast<int64_t>(ready.top() & kLow);
+    ready.pop();
+    table[i] = static_cast<TT>(d);
+    rank[i] = static_cast<int32_t>(c[d]);
+    if (++c[d] < m[d]) pending.push(key(release(d, c[d]), d));
+  }
+}
+
+void blend_period_table(py::array counts, int64_t period, py::array table_out, py::array rank_out,
+                        py::object lag_obj) {
   const int64_t* m = const_data<int64_t>(counts, "counts");
   const int64_t D = counts.shape(0);
   if (period < 1 || period > INT32_MAX) throw std::invalid_argument("period must be in [1, 2^31 - 1]");
@@ -273,6 +319,30 @@ void blend_period_table(py::array counts, int64_t period, py::array table_out, p
   const int64_t limit = rank_out.ndim() == 1 ? rank_out.shape(0) : -1;
   if (limit > period) throw std::invalid_argument("rank_out longer than the period");
   int32_t* rank = mutable_data<int32_t>(rank_out, "rank_out", limit);
+  if (!lag_obj.is_none()) {
+    py::array lag_arr = py::reinterpret_borrow<py::array>(lag_obj);
+    const int64_t* lag = const_data<int64_t>(lag_arr, "lag");
+    if (lag_arr.shape(0) != D) throw std::invalid_argument("lag: expected one value per domain");
+    for (int64_t d = 0; d < D; ++d) {
+      if (lag[d] <= -(int64_t{1} << 60) || lag[d] >= (int64_t{1} << 60)) throw std::invalid_argument("lag out of range");
+    }
+    if (py::isinstance<py::array_t<uint8_t>>(table_out)) {
+      if (D > 256) throw std::invalid_argument("table_out: uint8 holds at most 256 domains");
+      uint8_t* t = mutable_data<uint8_t>(table_out, "table_out", limit);
+      py::gil_scoped_release nogil;
+      lagged_period_loop<uint8_t>(m, lag, D, period, limit, t, rank);
+    } else if (py::isinstance<py::array_t<uint16_t>>(table_out)) {
+      if (D > 65536) throw std::invalid_argument("table_out: uint16 holds at most 65536 domains");
+      uint16_t* t = mutable_data<uint16_t>(table_out, "table_out", limit);
+      py::gil_scoped_release nogil;
+      lagged_period_loop<uint16_t>(m, lag, D, period, limit, t, rank);
+    } else {
+      int32_t* t = mutable_data<int32_t>(table_out, "table_out (uint8, uint16 or int32)", limit);
+      py::gil_scoped_release nogil;
+      lagged_period_loop<int32_t>(m, lag, D, period, limit, t, rank);
+    }
+    return;
+  }
   bool ok;
   if (py::isinstance<py::array_t<uint8_t>>(table_out)) {
     if (D > 256) throw std::invalid_argument("table_out: uint8 holds at most 256 domains");
@@ -436,7 +506,8 @@ void register_blending(py::module_& m) {
   m.def("blend_exact_megatron", &blend_exact_megatron, py::arg("weights"), py::arg("domain_out"),
         py::arg("sample_out"), "A plain re-implementation of Megatron-LM's build_blending_indices loop (benchmark baseline).");
   m.def("blend_period_table", &blend_period_table, py::arg("counts"), py::arg("period"), py::arg("table_out"),
-        py::arg("rank_out"), "First len(rank_out) slots of the EDF period schedule of integer counts.");
+        py::arg("rank_out"), py::arg("lag") = py::none(),
+        "First len(rank_out) slots of the EDF period schedule of integer counts (lag: int64 per-domain carry).");
   m.def("blend_lookup", &blend_lookup, py::arg("table"), py::arg("rank"), py::arg("counts"), py::arg("offsets"),
         py::arg("period"), py::arg("start"), py::arg("indices"), py::arg("domain_out"), py::arg("index_out"),
         "Periodic blend lookup of arbitrary global indices.");
