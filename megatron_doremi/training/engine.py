@@ -425,13 +425,23 @@ class Trainer:
             self._weights_log.append(self.mixer.history_record(0, time.time()))
 
     def _write_domain_weights(self) -> dict[str, str]:
-        """Rank 0, end of a DoReMi run: ``domain_weights.json`` (ᾱ and final α, both mixture forms) + the plot."""
+        """Rank 0, end of a run with a dynamic mixer: ``domain_weights.json`` (average and final weights, both
+        mixture forms); DoReMi adds its hyper-parameters and the plot, other online mixers (ODM) their state."""
         mixer = self.mixer
-        if not hasattr(mixer, "history_record"):
-            return {}
         from megatron_doremi.mixers.weights_io import plot_domain_weights, write_domain_weights_json
 
         out = self.cfg.output_dir
+        prefixes = {d.name: list(d.prefixes) for d in self.mixture.domains}
+        json_path = os.path.join(out, "domain_weights.json")
+        if not hasattr(mixer, "history_record"):
+            if not hasattr(mixer, "average_weights"):
+                return {}  # static weights: nothing learned
+            state = mixer.state_dict()
+            extra = {"mixer": mixer.name, "step": self.step, "hparams": state.get("hparams")}
+            write_domain_weights_json(
+                json_path, self.names, mixer.average_weights, mixer.weights, prefixes=prefixes, extra=extra
+            )
+            return {"domain_weights_json": json_path}
         if self._weights_log is not None:
             self._weights_log.close()
             self._weights_log = None
@@ -448,8 +458,6 @@ class Trainer:
             "reference_checkpoint": None if ref is None else ref["checkpoint"],
             "debug_no_reference": ref is None,
         }
-        prefixes = {d.name: list(d.prefixes) for d in self.mixture.domains}
-        json_path = os.path.join(out, "domain_weights.json")
         write_domain_weights_json(
             json_path, self.names, mixer.average_weights, mixer.weights, prefixes=prefixes, extra=extra
         )
@@ -671,13 +679,19 @@ class Trainer:
                 format_eval_table(self._last_eval, f"final evaluation (step {self._last_eval['step']})")
             )
         if "domain_weights" in summary:
-            ref = self.mixer.reference_weights
             avg, final = summary["domain_weights"]["average"], summary["domain_weights"]["final"]
             width = max(len("domain"), *(len(n) for n in self.names))
-            lines.append(f"DoReMi domain weights ({getattr(self.mixer, 'num_updates', 0)} updates)")
-            lines.append(f"  {'domain':<{width}}  {'reference':>9}  {'final α':>9}  {'average ᾱ':>9}")
-            for n, r in zip(self.names, ref):
-                lines.append(f"  {n:<{width}}  {r:>9.4f}  {final[n]:>9.4f}  {avg[n]:>9.4f}")
+            ref = getattr(self.mixer, "reference_weights", None)
+            if ref is not None:
+                lines.append(f"DoReMi domain weights ({getattr(self.mixer, 'num_updates', 0)} updates)")
+                lines.append(f"  {'domain':<{width}}  {'reference':>9}  {'final α':>9}  {'average ᾱ':>9}")
+                for n, r in zip(self.names, ref):
+                    lines.append(f"  {n:<{width}}  {r:>9.4f}  {final[n]:>9.4f}  {avg[n]:>9.4f}")
+            else:
+                lines.append(f"{self.mixer.name} domain weights (sampling weights of the run)")
+                lines.append(f"  {'domain':<{width}}  {'final':>9}  {'average':>9}")
+                for n in self.names:
+                    lines.append(f"  {n:<{width}}  {final[n]:>9.4f}  {avg[n]:>9.4f}")
             lines.append(f"  domain weights: {summary['domain_weights_json']}")
         lines.append(f"  run directory: {self.cfg.output_dir}")
         if summary["export_hf"]:
