@@ -12,6 +12,7 @@ Pipeline config (JSON; relative paths are relative to the current directory, lik
                                  #   round r's ᾱ
       "reference_weights": null, # null/"uniform" | "mixture" (the mixture's weights) | [w, ...] | {name: w}
       "baseline": true,          # also train the main model on the reference weights, and compare
+      "compare": {},             # more main models, one per other mixing method: {label: spec} (below)
       "export_hf": true,         # HF export of the main and baseline models (<run>/hf)
       "base": {...},             # a run config (docs/training.md) shared by every step
       "reference": {...}, "proxy": {...}, "main": {...}   # per-step overrides, deep-merged into base
@@ -21,8 +22,22 @@ A step's ``model`` given as a file or directory replaces the base model; given a
 it (``"main": {"model": {"num_hidden_layers": 24}}``). ``proxy.mixer`` takes the DoReMi options (``step_size``, ``smoothing``, ``initial_weights``, ``warmup_step``,
 ``update_step``, ``update_times``, ``resample``, ``reference: {"mode", "allow_architecture_mismatch"}``). The
 pipeline sets ``output_dir``, ``checkpoint.save/load/export_hf`` and the mixers itself: giving them is an error.
+**Comparing methods.** Each ``compare`` entry trains one more main model (``main``'s config, a static mixer on
+the entry's weights, or the entry's online mixer) and becomes a column of the report beside DoReMi and the
+baseline (``baseline`` must be true: every column's Δ is against it). Labels are ``[A-Za-z0-9][A-Za-z0-9_.-]*``.
+An entry is one of::
+
+    "regmix": "runs/regmix/domain_weights.json"      # a weights file: domain_weights.json (DoReMi, RegMix,
+                                                     #   heuristics CLI: its "average"), a mixture JSON or {name: w}
+    "manual": {"weights": {"code": 0.4, ...}}        # "uniform" | "mixture" | [w, ...] | {name: w} | a file
+    "unimax": {"heuristic": "unimax", "max_epochs": 1}   # proportional | temperature (temperature, default 2) |
+                                                     #   unimax (max_epochs, default 1; budget_tokens, default
+                                                     #   the main run's train_iters x global_batch x seq_length)
+    "odm": {"mixer": {"type": "odm", "alpha": 0.9}}  # an online mixer trains the main model itself
+
+Heuristics use the token counts of the main mixture's shards times the training share of ``data.split``.
 Step directories: ``reference/``, ``proxy/`` (round 1), ``round<r>/reference/``, ``round<r>/proxy/`` (r >= 2),
-``main/``, ``baseline/``; each holds ``pipeline_config.json`` (the run config the step was launched with),
+``main/``, ``baseline/``, ``compare/<label>/``; each holds ``pipeline_config.json`` (the run config the step was launched with),
 ``train.log`` and the trainer's outputs. The report (``report.md``, ``report.json``, ``weights.png``,
 ``loss.png``) goes to ``output_dir``.
 
@@ -53,20 +68,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_doremi.atomic_io import atomic_write_json
+from megatron_doremi.report import MethodResult
 
 __all__ = [
+    "CompareEntry",
     "PipelineError",
     "Step",
     "StepFailed",
     "build_command",
     "load_pipeline_config",
     "main",
+    "read_weights_file",
     "run_pipeline",
 ]
 
 TRAIN_MODULE = "megatron_doremi.train"
 STEP_CONFIG = "pipeline_config.json"
-KINDS = ("reference", "proxy", "main", "baseline")
+KINDS = ("reference", "proxy", "main", "baseline", "compare")
 _TOP_KEYS = {
     "description": "",
     "output_dir": None,
@@ -74,6 +92,7 @@ _TOP_KEYS = {
     "rounds": 1,
     "reference_weights": None,
     "baseline": True,
+    "compare": {},
     "export_hf": True,
     "base": None,
     "reference": {},
@@ -91,6 +110,15 @@ _PROXY_MIXER_KEYS = (
     "reference",
 )
 _REFERENCE_OPTION_KEYS = ("mode", "allow_architecture_mismatch")
+_COMPARE_FORMS = ("weights", "heuristic", "mixer")
+#: heuristic -> its parameters and their defaults (None: computed from the main run)
+HEURISTIC_DEFAULTS: dict[str, dict[str, float | None]] = {
+    "proportional": {},
+    "temperature": {"temperature": 2.0},
+    "unimax": {"max_epochs": 1.0, "budget_tokens": None},
+}
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_RESERVED_LABELS = ("doremi", "baseline", "reference", "proxy", "main", "compare")
 
 #: runner(step_name, command, log_path, env) -> exit status
 Runner = Callable[[str, list[str], str, dict[str, str]], int]
@@ -102,6 +130,41 @@ class PipelineError(ValueError):
 
 class StepFailed(PipelineError):
     """A training step exited non-zero or left incomplete outputs (the message has the log's tail)."""
+
+
+@dataclass(frozen=True)
+class CompareEntry:
+    """A resolved ``compare`` entry: static ``weights`` or an online ``mixer`` spec."""
+
+    label: str
+    form: str  # "weights" | "heuristic" | "mixer"
+    weights: dict[str, float] | None
+    mixer: Mapping[str, Any] | None
+    source: str  # what the weights came from, for the report
+
+
+def read_weights_file(path: str) -> dict[str, float]:
+    """``{name: w}`` from a weights file: a ``domain_weights.json`` (DoReMi, RegMix, the heuristics CLI: its
+    ``average``), a mixture JSON (``domains.<name>.weight``) or a plain ``{name: w}`` object; not normalised."""
+    doc = _read_json(path)
+    if isinstance(doc, Mapping):
+        block = doc.get("average")
+        if isinstance(block, Mapping) and isinstance(block.get("weights"), Mapping):
+            return dict(block["weights"])
+        if isinstance(doc.get("domains"), Mapping):
+            from megatron_doremi.data.mixture import Mixture, MixtureError
+
+            try:
+                mix = Mixture.from_dict(doc, source=path, base_dir=os.path.dirname(path) or ".")
+            except MixtureError as exc:
+                raise PipelineError(str(exc)) from None
+            return dict(zip(mix.names, (float(w) for w in mix.weights)))
+        if doc and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in doc.values()):
+            return dict(doc)
+    raise PipelineError(
+        f"{path}: not a weights file: expected a domain_weights.json (with average.weights), a mixture JSON "
+        "(with domains) or an object {domain: weight}"
+    )
 
 
 @dataclass(frozen=True)
@@ -207,6 +270,7 @@ def load_pipeline_config(
     for key in ("baseline", "export_hf"):
         if not isinstance(cfg[key], bool):
             raise PipelineError(f"{source}: {key} must be true or false, got {cfg[key]!r}")
+    cfg["compare"] = _check_compare(cfg["compare"], cfg["baseline"], source)
     _launcher_for(cfg, "reference", source)  # checks the launcher's form
     for where, section in [("base", cfg["base"])] + [(k, cfg[k]) for k in ("reference", "proxy", "main")]:
         if "output_dir" in section:
@@ -243,6 +307,70 @@ def load_pipeline_config(
     return cfg, source
 
 
+def _check_compare(value: Any, baseline: bool, source: str) -> dict[str, dict[str, Any]]:
+    """The ``compare`` section with every entry as ``{"weights"|"heuristic"|"mixer": ..., params}``."""
+    where = f"{source}: compare"
+    if not isinstance(value, Mapping):
+        raise PipelineError(
+            f"{where}: expected an object {{label: weights file | {{weights | heuristic | mixer: ...}}}}, "
+            f"got {value!r}"
+        )
+    if value and not baseline:
+        raise PipelineError(
+            f"{where}: the compared methods are measured against the baseline: set baseline to true"
+        )
+    out: dict[str, dict[str, Any]] = {}
+    for label, spec in value.items():
+        at = f"{where}.{label}"
+        if not _LABEL.fullmatch(label) or label.lower() in _RESERVED_LABELS:
+            raise PipelineError(
+                f"{at}: a label is 1-64 letters, digits, '_', '.' or '-' starting with a letter or digit, and "
+                f"not one of {', '.join(_RESERVED_LABELS)}"
+            )
+        if isinstance(spec, str):
+            spec = {"weights": spec}
+        if not isinstance(spec, Mapping):
+            raise PipelineError(
+                f"{at}: expected a weights file path or an object with one of {', '.join(_COMPARE_FORMS)}, "
+                f"got {spec!r}"
+            )
+        forms = [k for k in _COMPARE_FORMS if k in spec]
+        if len(forms) != 1:
+            raise PipelineError(
+                f"{at}: give exactly one of {', '.join(_COMPARE_FORMS)}, got keys {sorted(spec)}"
+            )
+        form = forms[0]
+        allowed = {form}
+        if form == "heuristic":
+            method = spec["heuristic"]
+            if method not in HEURISTIC_DEFAULTS:
+                raise PipelineError(
+                    f"{at}.heuristic: unknown method {method!r}; known: {', '.join(HEURISTIC_DEFAULTS)}"
+                )
+            allowed |= set(HEURISTIC_DEFAULTS[method])
+            for key in set(HEURISTIC_DEFAULTS[method]) & set(spec):
+                v = spec[key]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                    raise PipelineError(f"{at}.{key}: must be a finite number > 0, got {v!r}")
+        unknown = sorted(set(spec) - allowed)
+        if unknown:
+            params = ", ".join(sorted(allowed - {form})) or "none"
+            raise PipelineError(f"{at}: unknown key(s) {unknown} for a {form} entry (parameters: {params})")
+        if form == "mixer":
+            mixer = spec["mixer"]
+            if not isinstance(mixer, Mapping) or not isinstance(mixer.get("type"), str):
+                raise PipelineError(
+                    f'{at}.mixer: expected a mixer object such as {{"type": "odm"}}, got {mixer!r}'
+                )
+            if mixer["type"] == "doremi":
+                raise PipelineError(
+                    f"{at}.mixer: DoReMi needs step 1's reference model; it is the pipeline's own column "
+                    "(use rounds / proxy.mixer to vary it)"
+                )
+        out[str(label)] = copy.deepcopy(dict(spec))
+    return out
+
+
 def _launcher_for(cfg: Mapping[str, Any], kind: str, source: str) -> str:
     launcher = cfg["launcher"]
     if isinstance(launcher, dict):
@@ -251,8 +379,8 @@ def _launcher_for(cfg: Mapping[str, Any], kind: str, source: str) -> str:
             raise PipelineError(
                 f"{source}: launcher: unknown key(s) {unknown} (known: default, {', '.join(KINDS)})"
             )
-        if kind == "baseline" and "baseline" not in launcher:
-            kind = "main"  # the baseline is the main model on other weights
+        if kind in ("baseline", "compare") and kind not in launcher:
+            kind = "main"  # the baseline and compared runs are the main model on other weights
         launcher = launcher.get(kind, launcher.get("default", "python"))
     if not isinstance(launcher, str) or not launcher.strip():
         raise PipelineError(
@@ -352,11 +480,13 @@ class _Pipeline:
         out.append(Step("main", "main", None, os.path.join(self.out, "main")))
         if self.cfg["baseline"]:
             out.append(Step("baseline", "baseline", None, os.path.join(self.out, "baseline")))
+        for label in self.cfg["compare"]:
+            out.append(Step(f"compare/{label}", "compare", None, os.path.join(self.out, "compare", label)))
         return out
 
     def merged(self, kind: str) -> dict[str, Any]:
-        """base + the step kind's section (the baseline uses main's), without the pipeline-set keys."""
-        section = self.cfg["main" if kind == "baseline" else kind]
+        """base + the step kind's section (baseline and compared runs use main's), without pipeline-set keys."""
+        section = self.cfg["main" if kind in ("baseline", "compare") else kind]
         base = _inline_model(self.cfg["base"], "base")
         section = {k: v for k, v in section.items() if k != "mixer"}
         replace_model = isinstance(
@@ -369,15 +499,20 @@ class _Pipeline:
         return merged
 
     def run_config(
-        self, step: Step, weights: dict[str, float], reference_dir: str | None = None
+        self,
+        step: Step,
+        weights: dict[str, float] | None,
+        reference_dir: str | None = None,
+        mixer: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """The run config of ``step``: static ``weights`` (reference/main/baseline) or DoReMi with reference
-        weights ``weights`` and step 1's checkpoint in ``reference_dir`` (proxy)."""
+        """The run config of ``step``: static ``weights`` (reference/main/baseline/compare), DoReMi with
+        reference weights ``weights`` and step 1's checkpoint in ``reference_dir`` (proxy), or ``mixer``
+        (a compared online mixer)."""
         cfg = self.merged(step.kind)
         ckpt_dir = os.path.join(step.dir, "checkpoints")
         ckpt = dict(cfg.get("checkpoint") or {})
         ckpt.update({"save": ckpt_dir, "load": ckpt_dir})
-        if self.cfg["export_hf"] and step.kind in ("main", "baseline"):
+        if self.cfg["export_hf"] and step.kind in ("main", "baseline", "compare"):
             ckpt["export_hf"] = os.path.join(step.dir, "hf")
         cfg["checkpoint"] = ckpt
         cfg["output_dir"] = step.dir
@@ -388,6 +523,8 @@ class _Pipeline:
                 "checkpoint": os.path.join(reference_dir or "", "checkpoints"),
             }
             cfg["mixer"] = {"type": "doremi", "reference": ref, "reference_weights": weights, **opts}
+        elif mixer is not None:
+            cfg["mixer"] = copy.deepcopy(dict(mixer))
         else:
             cfg["mixer"] = {"type": "static", "weights": weights}
         return cfg
@@ -421,15 +558,29 @@ class _Pipeline:
         return list(first)
 
     def reference_weights(self, names: Sequence[str]) -> dict[str, float]:
+        return self.resolve_weights(
+            self.cfg["reference_weights"],
+            names,
+            f"{self.source}: reference_weights",
+            "reference",
+            positive=True,
+        )
+
+    def resolve_weights(
+        self, value: Any, names: Sequence[str], where: str, kind: str, positive: bool
+    ) -> dict[str, float]:
+        """Normalised ``{name: w}`` from ``null``/"uniform", "mixture" (step ``kind``'s mixture), a list in
+        domain order, ``{name: w}`` or a weights file (:func:`read_weights_file`); ``positive``: every w > 0."""
         from megatron_doremi.data.mixture import Mixture
 
-        value = self.cfg["reference_weights"]
-        where = f"{self.source}: reference_weights"
         if value is None or value == "uniform":
             return {n: 1.0 / len(names) for n in names}
         if value == "mixture":
-            mix = Mixture.load(self.merged("reference")["data"]["mixture"])
+            mix = Mixture.load(self.merged(kind)["data"]["mixture"])
             return dict(zip(mix.names, (float(w) for w in mix.weights)))
+        if isinstance(value, str):
+            where = f"{where} ({value})"
+            value = read_weights_file(value)
         if isinstance(value, Mapping):
             missing, extra = sorted(set(names) - set(value)), sorted(set(value) - set(names))
             if missing or extra:
@@ -443,30 +594,98 @@ class _Pipeline:
             values = value
         else:
             raise PipelineError(
-                f'{where}: expected null, "uniform", "mixture", a list in domain order or {{name: weight}}, '
-                f"got {value!r}"
+                f'{where}: expected null, "uniform", "mixture", a list in domain order, {{name: weight}} or a '
+                f"weights file, got {value!r}"
             )
-        if any(
-            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
-            for v in values
+        bound = "> 0" if positive else ">= 0 (not all 0)"
+        if (
+            any(
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or v < 0
+                or (positive and v == 0)
+                for v in values
+            )
+            or math.fsum(values) <= 0
         ):
-            raise PipelineError(f"{where}: every weight must be a finite number > 0, got {values}")
+            raise PipelineError(f"{where}: every weight must be a finite number {bound}, got {values}")
         total = math.fsum(values)
         return {n: float(v) / total for n, v in zip(names, values)}
 
-    def validate(self, names: list[str], ref_weights: dict[str, float]) -> None:
-        """Validate every step's run config (files, keys, DoReMi options) before the first launch."""
+    def heuristic_weights(
+        self, spec: Mapping[str, Any], names: Sequence[str], where: str
+    ) -> dict[str, float]:
+        """A heuristic entry's weights from the main mixture's token counts (training share of data.split)."""
+        from megatron_doremi.data.mixture import Mixture
+        from megatron_doremi.data.sequences import parse_split
+        from megatron_doremi.mixers.heuristics import domain_token_counts, heuristic_weights
+        from megatron_doremi.training.config import default_value
+
+        main = self.merged("main")
+        mixture = Mixture.load(main["data"]["mixture"])
+        train_share = parse_split(str((main.get("data") or {}).get("split", default_value("data", "split"))))[
+            0
+        ]
+        tokens = domain_token_counts(mixture).astype(float) * train_share
+        method = spec["heuristic"]
+        params = {**HEURISTIC_DEFAULTS[method], **{k: v for k, v in spec.items() if k != "heuristic"}}
+        if method == "unimax" and params["budget_tokens"] is None:
+            sched = main.get("schedule") or {}
+            params["budget_tokens"] = float(
+                int(sched["train_iters"]) * int(sched["global_batch_size"]) * int(sched["seq_length"])
+            )
+        try:
+            weights = heuristic_weights(method, tokens, **params)
+        except ValueError as exc:
+            raise PipelineError(f"{where}: {exc}") from None
+        return dict(zip(mixture.names, (float(w) for w in weights)))
+
+    def compare_entries(self, names: Sequence[str]) -> dict[str, CompareEntry]:
+        """Every ``compare`` entry resolved: static weights (weights, heuristic) or an online mixer."""
+        out = {}
+        for label, spec in self.cfg["compare"].items():
+            where = f"{self.source}: compare.{label}"
+            if "mixer" in spec:
+                out[label] = CompareEntry(
+                    label, "mixer", None, spec["mixer"], f"mixer {spec['mixer']['type']}"
+                )
+            elif "heuristic" in spec:
+                params = ", ".join(f"{k}={v:g}" for k, v in spec.items() if k != "heuristic")
+                described = f"heuristic {spec['heuristic']}" + (f" ({params})" if params else "")
+                weights = self.heuristic_weights(spec, names, where)
+                out[label] = CompareEntry(label, "heuristic", weights, None, described)
+            else:
+                value = spec["weights"]
+                described = f"weights {value}" if isinstance(value, str) else "weights (given)"
+                weights = self.resolve_weights(value, names, f"{where}.weights", "main", positive=False)
+                out[label] = CompareEntry(label, "weights", weights, None, described)
+        return out
+
+    def step_config(
+        self, step: Step, weights: dict[str, float], compare: Mapping[str, CompareEntry], **kw: Any
+    ) -> dict[str, Any]:
+        """``run_config`` of ``step``; a compared step takes its entry's weights or mixer instead of ``weights``."""
+        if step.kind == "compare":
+            entry = compare[step.name.split("/", 1)[1]]
+            return self.run_config(step, entry.weights, mixer=entry.mixer)
+        return self.run_config(step, weights, **kw)
+
+    def validate(
+        self, names: list[str], ref_weights: dict[str, float], compare: Mapping[str, CompareEntry]
+    ) -> None:
+        """Validate every step's run config (files, keys, DoReMi options, mixers) before the first launch."""
         from megatron_doremi.training.config import ConfigError, validate_run_config
 
         for step in self.steps():
-            cfg = self.run_config(step, ref_weights, reference_dir=step.dir)
+            cfg = self.step_config(step, ref_weights, compare, reference_dir=step.dir)
             if step.kind == "proxy":
                 cfg["mixer"] = {**cfg["mixer"], "reference": None}  # step 1's checkpoint does not exist yet
             try:
                 run = validate_run_config(cfg, f"{self.source}: {step.name}", check_files=True)
             except ConfigError as exc:
                 raise PipelineError(str(exc)) from None
-            if step.kind in ("main", "baseline") and self.cfg["baseline"]:
+            if step.kind in ("main", "baseline", "compare") and self.cfg["baseline"]:
                 split = [float(x) for x in str(run.data["split"]).split(",") if x.strip()]
                 if run.eval["eval_iters"] < 1 or len(split) < 2 or split[1] <= 0:
                     raise PipelineError(
@@ -544,17 +763,32 @@ class _Pipeline:
         self.ran.append(step.name)
         print(f"{label}: done in {time.time() - t0:.0f}s", flush=True)
 
+    def method_result(self, step: Step, entry: CompareEntry, names: Sequence[str]) -> MethodResult:
+        """A finished compared run for the report; an online mixer's weights are its run's average weights."""
+        weights = entry.weights
+        if weights is None:
+            path = os.path.join(step.dir, "domain_weights.json")
+            if os.path.isfile(path):
+                weights = self.resolve_weights(path, names, f"{step.name}", "main", positive=False)
+        summary = _read_json(os.path.join(step.dir, "eval_summary.json"))
+        return MethodResult(
+            entry.label, entry.source, weights, summary, step.dir, online=entry.mixer is not None
+        )
+
     def run(self, dry_run: bool = False) -> dict[str, Any]:
         from megatron_doremi.report import RoundWeights, write_report
 
         names = self.domain_names()
         s1 = self.reference_weights(names)
-        self.validate(names, s1)
+        compare = self.compare_entries(names)
+        self.validate(names, s1, compare)
         steps = self.steps()
         if dry_run:
             for i, step in enumerate(steps, 1):
                 launcher = _launcher_for(self.cfg, step.kind, self.source)
                 done = self.finished(step, self.merged(step.kind)) if os.path.isdir(step.dir) else False
+                if step.kind == "compare":
+                    launcher += f"; {compare[step.name.split('/', 1)[1]].source}"
                 print(f"[{i}/{len(steps)}] {step.name}: {'finished' if done else 'to run'} -> {step.dir} "
                       f"({launcher})")  # fmt: skip
             return {"output_dir": self.out, "steps": {s.name: s.dir for s in steps}, "domain_names": names}
@@ -586,14 +820,28 @@ class _Pipeline:
         self.run_step(index, len(steps), main_step, self.run_config(main_step, weights))
         main_eval = base_eval = None
         runs = {s.name: s.dir for s in steps}
+        methods: list[MethodResult] = []
         if self.cfg["baseline"]:
             base_step = by_name["baseline"]
             index += 1
             self.run_step(index, len(steps), base_step, self.run_config(base_step, s1))
+            for label, entry in compare.items():
+                step = by_name[f"compare/{label}"]
+                index += 1
+                self.run_step(index, len(steps), step, self.step_config(step, s1, compare))
+                methods.append(self.method_result(step, entry, names))
             main_eval = _read_json(os.path.join(main_step.dir, "eval_summary.json"))
             base_eval = _read_json(os.path.join(base_step.dir, "eval_summary.json"))
         report = write_report(
-            self.out, names, s1, rounds, main_eval, base_eval, runs=runs, command=self.command
+            self.out,
+            names,
+            s1,
+            rounds,
+            main_eval,
+            base_eval,
+            runs=runs,
+            command=self.command,
+            methods=methods,
         )
         print("\n" + report.headline, flush=True)
         print(f"\nreport: {report.report_md}", flush=True)
@@ -604,6 +852,8 @@ class _Pipeline:
             "plots": report.plots,
             "headline": report.headline,
             "comparison": report.comparison,
+            "method_comparison": report.method_comparison,
+            "compare_weights": {m.label: m.weights for m in methods},
             "steps": runs,
             "domain_names": names,
             "reference_weights": s1,

@@ -3,7 +3,9 @@
 Inputs are plain data (no training objects): the domain names, the reference weights, each round's DoReMi
 weights (``domain_weights.json`` ``average``/``final``) and the per-domain validation results of the DoReMi main
 model and the baseline (the trainer's ``eval_summary.json``: ``domains.<name>.loss``, ``token_weighted``,
-``uniform``, ``worst``). A domain *improved* when DoReMi's validation loss is strictly lower than the baseline's.
+``uniform``, ``worst``). A domain *improved* when DoReMi's validation loss is lower than the baseline's by more
+than ``TIE_TOLERANCE`` (1e-6 nats/token). Other mixing methods' main models (the pipeline's ``compare`` entries,
+:class:`MethodResult`) become more columns: :func:`compare_methods`, :func:`methods_table`.
 
 Outputs in ``out_dir`` (each written under a temporary name, then renamed):
 
@@ -11,7 +13,8 @@ Outputs in ``out_dir`` (each written under a temporary name, then renamed):
   DoReMi vs baseline with the token-weighted and uniform averages and the worst case, which domains improved,
   links to the plots and to each proxy's ``domain_weights.png`` (α over the proxy's steps);
 * ``report.json``: the same numbers;
-* ``weights.png`` (reference vs ᾱ per domain) and ``loss.png`` (baseline vs DoReMi per domain, averages, worst).
+* ``weights.png`` (reference vs ᾱ per domain, and the compared methods' weights) and ``loss.png`` (baseline vs
+  DoReMi per domain, averages, worst); with compared methods also ``methods.png`` (every method's losses).
 """
 
 from __future__ import annotations
@@ -25,7 +28,27 @@ from typing import Any
 
 from megatron_doremi.atomic_io import atomic_write, atomic_write_json, atomic_write_text
 
-__all__ = ["ReportError", "ReportResult", "RoundWeights", "compare_evals", "headline_table", "write_report"]
+__all__ = [
+    "TIE_TOLERANCE",
+    "MethodResult",
+    "ReportError",
+    "ReportResult",
+    "RoundWeights",
+    "compare_evals",
+    "compare_methods",
+    "headline_table",
+    "methods_table",
+    "write_report",
+]
+
+
+#: losses closer than this (nats/token) count as equal: not "improved", both "best"
+TIE_TOLERANCE = 1e-6
+
+
+def _signed(delta: float) -> str:
+    """``+0.0123`` / ``-0.0123``; a delta that rounds to zero prints as ``+0.0000`` (never ``-0.0000``)."""
+    return f"{round(delta, 4) + 0.0:+.4f}"
 
 
 class ReportError(ValueError):
@@ -45,6 +68,18 @@ class RoundWeights:
 
 
 @dataclass
+class MethodResult:
+    """Another mixing method's main model (a pipeline ``compare`` entry) for the comparison columns."""
+
+    label: str
+    source: str  # where its weights came from ("weights runs/regmix/domain_weights.json", "heuristic unimax", ...)
+    weights: dict[str, float] | None  # what it trained on; an online mixer's average weights; None if unknown
+    eval_summary: Mapping[str, Any]  # its eval_summary.json
+    run_dir: str | None = None
+    online: bool = False  # weights moved during training (an online mixer such as ODM)
+
+
+@dataclass
 class ReportResult:
     """Paths of the written files, the comparison numbers and the printed headline table."""
 
@@ -53,6 +88,7 @@ class ReportResult:
     plots: list[str] = field(default_factory=list)
     headline: str = ""
     comparison: dict[str, Any] | None = None
+    method_comparison: dict[str, Any] | None = None
 
 
 def _eval_losses(summary: Mapping[str, Any], names: Sequence[str], what: str) -> dict[str, float]:
@@ -67,6 +103,22 @@ def _eval_losses(summary: Mapping[str, Any], names: Sequence[str], what: str) ->
             raise ReportError(f"{what}: domain {n!r} has no finite validation loss ({loss!r})")
         out[n] = float(loss)
     return out
+
+
+def _eval_tokens(summary: Mapping[str, Any], name: str) -> float:
+    entry = summary["domains"].get(name)
+    t = entry.get("tokens") if isinstance(entry, Mapping) else None
+    return float(t) if isinstance(t, (int, float)) and t > 0 else 1.0
+
+
+def _token_weighted(losses: Mapping[str, float], summary: Mapping[str, Any], names: Sequence[str]) -> float:
+    """Mean loss weighting each domain by its evaluated tokens in ``summary`` (1 where unknown)."""
+    w = {n: _eval_tokens(summary, n) for n in names}
+    return math.fsum(losses[n] * w[n] for n in names) / math.fsum(w.values())
+
+
+def _uniform(losses: Mapping[str, float], _summary: Mapping[str, Any], names: Sequence[str]) -> float:
+    return math.fsum(losses[n] for n in names) / len(names)
 
 
 def compare_evals(
@@ -85,26 +137,18 @@ def compare_evals(
     """
     d_loss = _eval_losses(doremi, names, what[0])
     b_loss = _eval_losses(baseline, names, what[1])
-
-    def tokens(summary: Mapping[str, Any], n: str) -> float:
-        entry = summary["domains"].get(n)
-        t = entry.get("tokens") if isinstance(entry, Mapping) else None
-        return float(t) if isinstance(t, (int, float)) and t > 0 else 1.0
-
-    def weighted(losses: dict[str, float], summary: Mapping[str, Any]) -> float:
-        w = {n: tokens(summary, n) for n in names}
-        return math.fsum(losses[n] * w[n] for n in names) / math.fsum(w.values())
-
     domains = {}
     for n in names:
         delta = d_loss[n] - b_loss[n]
-        domains[n] = {"baseline": b_loss[n], "doremi": d_loss[n], "delta": delta, "improved": delta < 0}
+        domains[n] = {
+            "baseline": b_loss[n],
+            "doremi": d_loss[n],
+            "delta": delta,
+            "improved": delta < -TIE_TOLERANCE,
+        }
     agg = {}
-    for key, fn in (
-        ("token_weighted", weighted),
-        ("uniform", lambda losses, _s: math.fsum(losses.values()) / len(losses)),
-    ):
-        b, d = fn(b_loss, baseline), fn(d_loss, doremi)
+    for key, fn in (("token_weighted", _token_weighted), ("uniform", _uniform)):
+        b, d = fn(b_loss, baseline, names), fn(d_loss, doremi, names)
         agg[key] = {"baseline": b, "doremi": d, "delta": d - b}
     bw, dw = max(names, key=b_loss.__getitem__), max(names, key=d_loss.__getitem__)
     agg["worst"] = {
@@ -120,6 +164,94 @@ def compare_evals(
         "improved": [n for n in names if domains[n]["improved"]],
         "worse": [n for n in names if not domains[n]["improved"]],
     }
+
+
+def compare_methods(
+    names: Sequence[str], evals: Mapping[str, Mapping[str, Any]], baseline: str = "baseline"
+) -> dict[str, Any]:
+    """Validation losses of several main models (``{label: eval_summary}``, one of them ``baseline``).
+
+    Returns ``{"methods": [labels], "baseline", "domains": {name: {label: loss}}, "best": {name: label},
+    "token_weighted": {label: loss}, "uniform": {label: loss}, "worst": {label: {"loss", "domain"}},
+    "vs_baseline": {label: {"token_weighted", "uniform", "worst" (Δ = label − baseline), "improved": [names]}},
+    "ranking": [labels by uniform average, best first]}``. ``best`` and ``ranking`` break ties by label order.
+    """
+    labels = list(evals)
+    if baseline not in evals:
+        raise ReportError(f"compare_methods: no {baseline!r} among {labels}")
+    losses = {label: _eval_losses(evals[label], names, f"{label} eval") for label in labels}
+    out: dict[str, Any] = {"methods": labels, "baseline": baseline}
+    out["domains"] = {n: {label: losses[label][n] for label in labels} for n in names}
+    out["best"] = {n: min(labels, key=lambda label, n=n: losses[label][n]) for n in names}
+    out["token_weighted"] = {label: _token_weighted(losses[label], evals[label], names) for label in labels}
+    out["uniform"] = {label: _uniform(losses[label], evals[label], names) for label in labels}
+    out["worst"] = {}
+    for label in labels:
+        d = max(names, key=losses[label].__getitem__)
+        out["worst"][label] = {"loss": losses[label][d], "domain": d}
+    base = losses[baseline]
+    out["vs_baseline"] = {
+        label: {
+            "token_weighted": out["token_weighted"][label] - out["token_weighted"][baseline],
+            "uniform": out["uniform"][label] - out["uniform"][baseline],
+            "worst": out["worst"][label]["loss"] - out["worst"][baseline]["loss"],
+            "improved": [n for n in names if losses[label][n] < base[n] - TIE_TOLERANCE],
+        }
+        for label in labels
+        if label != baseline
+    }
+    out["ranking"] = sorted(labels, key=lambda label: (out["uniform"][label], labels.index(label)))
+    return out
+
+
+def methods_table(
+    names: Sequence[str],
+    weights: Mapping[str, Mapping[str, float] | None],
+    comparison: Mapping[str, Any],
+) -> str:
+    """Plain-text block: each method's weights and per-domain / average validation loss (``*`` = best in the row).
+
+    ``weights``: ``{label: {name: w} or None}`` for the labels of ``comparison["methods"]``.
+    """
+    labels = list(comparison["methods"])
+    base = comparison["baseline"]
+    first = max(len("Δ uniform vs baseline"), *(len(n) for n in names))
+    widths = [max(8, len(label)) + 1 for label in labels]  # + 1: the best-in-row mark
+
+    def row(label: str, cells: Sequence[str]) -> str:
+        return f"{label:<{first}}" + "".join(f"  {c:>{w}}" for c, w in zip(cells, widths))
+
+    def losses(values: Mapping[str, float]) -> list[str]:
+        best = min(values.values())
+        return [f"{values[m]:.4f}" + ("*" if values[m] <= best + TIE_TOLERANCE else " ") for m in labels]
+
+    head = row("domain weights", [label + " " for label in labels])
+    lines = [head, "-" * len(head)]
+    for n in names:
+        lines.append(
+            row(n, [f"{weights[m][n]:.4f} " if weights.get(m) is not None else "- " for m in labels])
+        )
+    head = row("validation loss", [label + " " for label in labels])
+    lines += ["", head, "-" * len(head)]
+    for n in names:
+        lines.append(row(n, losses(comparison["domains"][n])))
+    lines.append(row("token-weighted avg", losses(comparison["token_weighted"])))
+    lines.append(row("uniform avg", losses(comparison["uniform"])))
+    lines.append(row("worst case", losses({m: comparison["worst"][m]["loss"] for m in labels})))
+    vs = comparison["vs_baseline"]
+    lines.append(
+        row(
+            "Δ uniform vs baseline", [("-" if m == base else _signed(vs[m]["uniform"])) + " " for m in labels]
+        )
+    )
+    lines.append(
+        row(
+            "domains improved",
+            [("-" if m == base else f"{len(vs[m]['improved'])}/{len(names)}") + " " for m in labels],
+        )
+    )
+    lines.append("ranking by uniform average (best first): " + ", ".join(comparison["ranking"]))
+    return "\n".join(lines)
 
 
 def headline_table(
@@ -177,7 +309,11 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
 
 
 def _plot_weights(
-    path: str, names: Sequence[str], reference: Mapping[str, float], rounds: Sequence[RoundWeights]
+    path: str,
+    names: Sequence[str],
+    reference: Mapping[str, float],
+    rounds: Sequence[RoundWeights],
+    methods: Sequence[MethodResult] = (),
 ) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -186,6 +322,11 @@ def _plot_weights(
     series += [
         (f"DoReMi ᾱ round {r.round}" if len(rounds) > 1 else "DoReMi ᾱ", [r.average[n] for n in names])
         for r in rounds
+    ]
+    series += [
+        (m.label + (" (average)" if m.online else ""), [m.weights[n] for n in names])
+        for m in methods
+        if m.weights is not None
     ]
     fig = Figure(figsize=(max(6.0, 0.7 * len(names) + 2), 4.2), dpi=100)
     FigureCanvasAgg(fig)
@@ -200,7 +341,7 @@ def _plot_weights(
         names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center"
     )
     ax.set_ylabel("domain weight")
-    ax.set_title("domain weights: reference vs DoReMi")
+    ax.set_title("domain weights: reference vs DoReMi" + (" and other methods" if methods else ""))
     ax.legend(fontsize="small")
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
@@ -235,6 +376,38 @@ def _plot_loss(path: str, names: Sequence[str], comparison: Mapping[str, Any]) -
     _save_fig(fig, path)
 
 
+def _plot_methods(path: str, names: Sequence[str], comparison: Mapping[str, Any]) -> None:
+    """Grouped bars: every method's validation loss per domain and on the averages / worst case."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = list(comparison["methods"])
+    groups = list(names) + ["token-wtd avg", "uniform avg", "worst"]
+    values = {
+        m: [comparison["domains"][n][m] for n in names]
+        + [comparison["token_weighted"][m], comparison["uniform"][m], comparison["worst"][m]["loss"]]
+        for m in labels
+    }
+    fig = Figure(figsize=(max(6.0, 0.35 * len(groups) * len(labels) + 2), 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / len(labels)
+    for i, m in enumerate(labels):
+        xs = [x + (i - (len(labels) - 1) / 2) * width for x in range(len(groups))]
+        ax.bar(xs, values[m], width, label=m)
+    flat = [v for vs in values.values() for v in vs]
+    lo, hi = min(flat), max(flat)
+    ax.set_ylim(bottom=max(0.0, lo - 0.1 * (hi - lo + 1e-9) - 0.05))
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=45, ha="right")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("per-domain validation loss by mixing method")
+    ax.legend(fontsize="small")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
 def _save_fig(fig: Any, path: str) -> None:
     import io
 
@@ -242,6 +415,77 @@ def _save_fig(fig: Any, path: str) -> None:
     fig.savefig(buf, format="png", bbox_inches="tight")
     data = buf.getvalue()
     atomic_write(path, lambda fh: fh.write(data), mode="wb")
+
+
+def _methods_md(
+    names: Sequence[str],
+    methods: Sequence[MethodResult],
+    weights: Mapping[str, Mapping[str, float] | None],
+    comparison: Mapping[str, Any],
+    out_dir: str,
+    plots: bool,
+) -> list[str]:
+    """The report's "Comparison of mixing methods" section (markdown lines)."""
+    labels = list(comparison["methods"])
+    base = comparison["baseline"]
+    lines = ["## Comparison of mixing methods", ""]
+    lines.append(
+        "Every column is a main model with the same config, trained on that method's weights: baseline = the "
+        "reference weights, DoReMi = ᾱ, then the pipeline's `compare` entries:"
+    )
+    lines.append("")
+    for m in methods:
+        run = f" (run `{_rel(m.run_dir, out_dir)}`)" if m.run_dir else ""
+        note = "; online mixer, weights shown are its average sampling weights" if m.online else ""
+        lines.append(f"- **{m.label}**: {m.source}{note}{run}")
+    lines.append("")
+    rows = []
+    for n in names:
+        rows.append([n] + [f"{weights[m][n]:.4f}" if weights.get(m) is not None else "-" for m in labels])
+    lines += _md_table(["domain weights", *labels], rows)
+    lines.append("")
+
+    def cells(values: Mapping[str, float]) -> list[str]:
+        best = min(values.values())
+        return [
+            f"**{values[m]:.4f}**" if values[m] <= best + TIE_TOLERANCE else f"{values[m]:.4f}"
+            for m in labels
+        ]
+
+    rows = [[n, *cells(comparison["domains"][n])] for n in names]
+    rows.append(["token-weighted average", *cells(comparison["token_weighted"])])
+    rows.append(["uniform average", *cells(comparison["uniform"])])
+    worst = comparison["worst"]
+    best_worst = min(worst[m]["loss"] for m in labels)
+    rows.append(
+        ["worst case"]
+        + [
+            (
+                f"**{worst[m]['loss']:.4f}**"
+                if worst[m]["loss"] <= best_worst + TIE_TOLERANCE
+                else f"{worst[m]['loss']:.4f}"
+            )
+            + f" ({worst[m]['domain']})"
+            for m in labels
+        ]
+    )
+    vs = comparison["vs_baseline"]
+    rows.append(
+        ["Δ uniform average vs baseline"] + ["" if m == base else _signed(vs[m]["uniform"]) for m in labels]
+    )
+    rows.append(
+        ["domains better than baseline"]
+        + ["" if m == base else f"{len(vs[m]['improved'])} of {len(names)}" for m in labels]
+    )
+    lines.append("Validation loss (nats/token; **bold** = best in the row):")
+    lines.append("")
+    lines += _md_table(["", *labels], rows)
+    lines.append("")
+    lines.append("Ranking by uniform average (best first): " + ", ".join(comparison["ranking"]) + ".")
+    lines.append("")
+    if plots:
+        lines += ["![validation loss by method](methods.png)", ""]
+    return lines
 
 
 def write_report(
@@ -254,12 +498,14 @@ def write_report(
     runs: Mapping[str, str] | None = None,
     command: str | None = None,
     plots: bool = True,
+    methods: Sequence[MethodResult] = (),
 ) -> ReportResult:
     """Write ``report.md``, ``report.json`` and the plots into ``out_dir`` (see the module docstring).
 
     ``rounds`` (at least one) in order; the last round's ᾱ is what the main model trained on. ``runs`` maps a
     label (``"main"``, ``"baseline"``, ...) to a run directory for the links. ``main_eval``/``baseline_eval``:
-    both or neither (then the report has the weights only).
+    both or neither (then the report has the weights only). ``methods``: other mixing methods' main models,
+    compared beside DoReMi and the baseline (needs both evals); labels must differ from "baseline"/"DoReMi".
     """
     names = list(names)
     if not rounds:
@@ -276,14 +522,35 @@ def write_report(
     if main_eval is not None and baseline_eval is not None:
         comparison = compare_evals(names, main_eval, baseline_eval)
     final = rounds[-1]
+    method_comparison = None
+    method_weights: dict[str, Mapping[str, float] | None] = {}
+    if methods:
+        if main_eval is None or baseline_eval is None:
+            raise ReportError("compared methods need the DoReMi main model's and the baseline's evaluations")
+        labels = [m.label for m in methods]
+        clash = [x for x in labels if x.lower() in ("baseline", "doremi") or labels.count(x) > 1]
+        if clash:
+            raise ReportError(f"method labels must be unique and not 'baseline'/'DoReMi', got {labels}")
+        for m in methods:
+            if m.weights is not None and [n for n in names if n not in m.weights]:
+                raise ReportError(
+                    f"method {m.label}: weights miss domain(s) {[n for n in names if n not in m.weights]}"
+                )
+        evals = {"baseline": baseline_eval, "DoReMi": main_eval, **{m.label: m.eval_summary for m in methods}}
+        method_comparison = compare_methods(names, evals)
+        method_weights = {"baseline": reference_weights, "DoReMi": final.average}
+        method_weights.update({m.label: m.weights for m in methods})
     md_path, json_path = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.json")
     plot_paths = []
     if plots:
         plot_paths.append(os.path.join(out_dir, "weights.png"))
-        _plot_weights(plot_paths[-1], names, reference_weights, rounds)
+        _plot_weights(plot_paths[-1], names, reference_weights, rounds, methods)
         if comparison is not None:
             plot_paths.append(os.path.join(out_dir, "loss.png"))
             _plot_loss(plot_paths[-1], names, comparison)
+        if method_comparison is not None:
+            plot_paths.append(os.path.join(out_dir, "methods.png"))
+            _plot_methods(plot_paths[-1], names, method_comparison)
 
     lines = ["# DoReMi pipeline report", ""]
     lines.append(
@@ -375,7 +642,11 @@ def write_report(
         lines.append("")
         if plots:
             lines += ["![validation loss](loss.png)", ""]
+    if method_comparison is not None:
+        lines += _methods_md(names, methods, method_weights, method_comparison, out_dir, plots)
     headline = headline_table(names, reference_weights, final.average, comparison)
+    if method_comparison is not None:
+        headline += "\n\n" + methods_table(names, method_weights, method_comparison)
     lines += ["## Headline", "", "```", headline, "```", ""]
     atomic_write_text(md_path, "\n".join(lines))
     doc = {
@@ -394,7 +665,12 @@ def write_report(
         ],
         "doremi_weights": final.average,
         "comparison": comparison,
+        "methods": {
+            m.label: {"source": m.source, "weights": m.weights, "online": m.online, "run_dir": m.run_dir}
+            for m in methods
+        },
+        "method_comparison": method_comparison,
         "runs": dict(runs or {}),
     }
     atomic_write_json(json_path, doc, indent=1)
-    return ReportResult(md_path, json_path, plot_paths, headline, comparison)
+    return ReportResult(md_path, json_path, plot_paths, headline, comparison, method_comparison)

@@ -67,9 +67,12 @@ def _pipeline(tmp_path: Path, **extra) -> dict:
 class FakeTrainer:
     """A runner that 'trains' by writing the outputs a finished run leaves; records every call."""
 
-    def __init__(self, fail: set[str] = frozenset(), no_summary: set[str] = frozenset()) -> None:
+    def __init__(
+        self, fail: set[str] = frozenset(), no_summary: set[str] = frozenset(), losses: dict | None = None
+    ) -> None:
         self.calls: list[tuple[str, list[str]]] = []
         self.fail, self.no_summary = set(fail), set(no_summary)
+        self.losses = {**LOSSES, **(losses or {})}  # run kind or compare label -> per-domain losses
 
     def __call__(self, name: str, cmd: list[str], log_path: str, env: dict) -> int:
         self.calls.append((name, cmd))
@@ -87,7 +90,9 @@ class FakeTrainer:
         if kind == "proxy":
             r = int(name.split("/")[0].removeprefix("round")) if "/" in name else 1
             write_domain_weights_json(out / "domain_weights.json", NAMES, LEARNED[r], LEARNED[r][::-1])
-        losses = LOSSES.get(kind, [4.0, 4.0, 4.0])
+        elif cfg["mixer"]["type"] not in ("static", "doremi"):  # an online mixer: its average weights
+            write_domain_weights_json(out / "domain_weights.json", NAMES, [0.5, 0.25, 0.25], [0.6, 0.2, 0.2])
+        losses = self.losses.get(kind, [4.0, 4.0, 4.0])
         summary = {
             "step": cfg["schedule"]["train_iters"],
             "domains": {n: {"loss": v, "tokens": 100} for n, v in zip(NAMES, losses)},

@@ -52,6 +52,7 @@ __all__ = [
     "RunConfig",
     "apply_overrides",
     "load_run_config",
+    "default_value",
     "parse_override",
     "read_json",
 ]
@@ -82,6 +83,13 @@ _SCHEMA: dict[str, dict[str, Any]] = {
     "checkpoint": {"save": None, "save_interval": 0, "load": None, "export_hf": None},
     "debug": {"dump_samples": False, "dump_mixer": False, "step_sleep_s": 0.0},
 }
+
+
+def default_value(section: str, key: str) -> Any:
+    """The run config's default for ``section.key`` (e.g. ``default_value("data", "split")`` -> ``"98,1,1"``)."""
+    return copy.deepcopy(_SCHEMA[section][key])
+
+
 _TOP_LEVEL: dict[str, Any] = {
     "model": None,
     "tokenizer": None,
