@@ -1,12 +1,13 @@
 """Quickstart: the sample shipped in ``examples/quickstart/data``, from raw text to a trained model.
 
-    python -m megatron_doremi.quickstart [--out runs/quickstart] [--no-train]
+    python -m megatron_doremi.quickstart [--out runs/quickstart] [--no-train] [--compare unimax,odm,regmix]
 
 Trains a small byte-level BPE tokenizer on the sample, tokenizes every domain into Megatron ``.bin/.idx``
 shards, writes the mixture in both forms, blends the domains and reads batches through the distributed loader
 (printing per-domain document/token counts and the blend's realised proportions), then runs the DoReMi pipeline
 with a tiny Llama-style model (reference, proxy, main model on the DoReMi weights, baseline on the reference
-weights) and prints the report's headline table. Steps whose outputs already exist are skipped (``--force`` redoes
+weights; ``--compare`` adds a main model per other mixing method: heuristics, ODM, RegMix on the sample) and
+prints the report's headline table. Steps whose outputs already exist are skipped (``--force`` redoes
 the data).
 """
 
@@ -18,6 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -96,14 +98,48 @@ def blend_summary(
     print(f"read {total / elapsed:,.0f} samples/s through the loader")
 
 
-def run_doremi(out: Path, train_iters: int | None, echo: bool) -> int:
-    """The DoReMi pipeline of ``examples/quickstart/pipeline.json`` on the prepared data, under ``out/doremi``.
+PIPELINE_CONFIG = REPO_DIR / "examples" / "quickstart" / "pipeline.json"
+COMPARE_CHOICES = "proportional, temperature[:T], unimax[:EPOCHS], odm, regmix, LABEL=WEIGHTS_FILE"
 
-    Reference (uniform weights), proxy (Group DRO against it), main model on the averaged weights and a baseline
-    on the reference weights, then ``report.md``; the pipeline prints the headline table.
+
+def parse_compare(text: str) -> dict[str, Any]:
+    """``--compare`` -> ``{label: pipeline compare entry}``; ``regmix`` maps to None (RegMix runs first).
+
+    Items (comma-separated): ``proportional``, ``temperature[:T]`` (T = 2), ``unimax[:EPOCHS]`` (1 epoch cap),
+    ``odm`` (the online mixer), ``regmix`` (RegMix on the sample), ``LABEL=PATH`` (any weights file).
     """
-    from megatron_doremi.pipeline import PipelineError, StepFailed, run_pipeline
+    out: dict[str, Any] = {}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        name, _, arg = item.partition(":")
+        try:
+            if "=" in item:
+                label, _, path = item.partition("=")
+                label, entry = label.strip(), str(Path(path.strip()).resolve())
+            elif name in ("proportional", "odm", "regmix") and not arg:
+                label = name
+                entry = {
+                    "proportional": {"heuristic": "proportional"},
+                    "odm": {"mixer": {"type": "odm"}},
+                    "regmix": None,
+                }[name]
+            elif name == "temperature":
+                label, entry = name, {"heuristic": "temperature", "temperature": float(arg or 2.0)}
+            elif name == "unimax":
+                label, entry = name, {"heuristic": "unimax", "max_epochs": float(arg or 1.0)}
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--compare: cannot use {item!r}; items are {COMPARE_CHOICES}") from None
+        if label in out:
+            raise ValueError(f"--compare: {label!r} is given twice")
+        out[label] = entry
+    return out
 
+
+def _pipeline_overrides(out: Path, train_iters: int | None) -> list[str]:
+    """The quickstart pipeline config's paths made absolute (and its schedule shortened to ``train_iters``)."""
     overrides = [
         f"output_dir={json.dumps(str(out / 'doremi'))}",
         f"base.tokenizer={json.dumps(str(out / 'tokenizer'))}",
@@ -118,12 +154,83 @@ def run_doremi(out: Path, train_iters: int | None, echo: bool) -> int:
             f"base.checkpoint.save_interval={max(1, train_iters // 2)}",
             f"base.log_interval={max(1, train_iters // 4)}",
         ]
-    print(
-        "\n[4/4] DoReMi: reference, proxy, main and baseline runs (examples/quickstart/pipeline.json)",
-        flush=True,
-    )
+    return overrides
+
+
+def run_regmix(out: Path, num_runs: int, iters: int) -> Path:
+    """RegMix on the sample: ``num_runs`` proxies of the tiny model (``iters`` steps each) on sampled mixtures,
+    a linear fit of the average validation loss, a search; returns ``out/regmix/domain_weights.json``.
+
+    Resumable: an existing ``out/regmix`` keeps its sampled mixtures and skips its finished proxies.
+    """
+    from megatron_doremi.pipeline import load_pipeline_config
+    from megatron_doremi.regmix.__main__ import main as regmix
+
+    runs = out / "regmix"
+    if not (runs / "manifest.json").exists():
+        cfg, _ = load_pipeline_config(PIPELINE_CONFIG, _pipeline_overrides(out, None))
+        base = cfg["base"]
+        base["schedule"].update(train_iters=iters, warmup_iters=max(1, iters // 10))
+        base.update(checkpoint={"save_interval": 0}, log_interval=max(1, iters // 2), progress_bar=False)
+        base["output_dir"] = str(runs / "unused")
+        atomic_write_json(out / "regmix_base.json", base)
+        print(f"\n[regmix] sampling {num_runs} proxy mixtures -> {runs}", flush=True)
+        args = [
+            "sample",
+            "--mixture",
+            str(out / "mixture.json"),
+            "--num-runs",
+            str(num_runs),
+            "--out",
+            str(runs),
+        ]
+        if regmix([*args, "--base-config", str(out / "regmix_base.json"), "--seed", "0"]) != 0:
+            raise ValueError("regmix sample failed")
+    else:
+        print(
+            f"\n[regmix] using the proxy mixtures sampled earlier in {runs} (delete it to resample)",
+            flush=True,
+        )
+    print(f"[regmix] training the proxies ({iters} steps each; finished ones are skipped)", flush=True)
+    steps = [
+        ["train", str(runs)],
+        ["fit", str(runs), "--target", "average"],
+        ["search", str(runs), "--regressor", "linear", "--num-candidates", "100000", "--top-k", "100"],
+    ]
+    for args in steps:
+        if regmix(args) != 0:
+            raise ValueError(f"regmix {args[0]} failed (see {runs})")
+    return runs / "domain_weights.json"
+
+
+def run_doremi(
+    out: Path,
+    train_iters: int | None,
+    echo: bool,
+    compare: dict[str, Any] | None = None,
+    regmix_runs: int = 16,
+    regmix_iters: int = 40,
+) -> int:
+    """The DoReMi pipeline of ``examples/quickstart/pipeline.json`` on the prepared data, under ``out/doremi``.
+
+    Reference (uniform weights), proxy (Group DRO against it), main model on the averaged weights and a baseline
+    on the reference weights, one more main model per ``compare`` entry (:func:`parse_compare`), then
+    ``report.md``; the pipeline prints the headline table.
+    """
+    from megatron_doremi.pipeline import PipelineError, StepFailed, run_pipeline
+
+    overrides = _pipeline_overrides(out, train_iters)
     try:
-        run_pipeline(REPO_DIR / "examples" / "quickstart" / "pipeline.json", overrides, echo=echo)
+        if compare:
+            compare = dict(compare)
+            if "regmix" in compare and compare["regmix"] is None:
+                compare["regmix"] = str(run_regmix(out, regmix_runs, regmix_iters))
+            overrides.append(f"compare={json.dumps(compare)}")
+        what = "reference, proxy, main and baseline runs" + (
+            f", then {', '.join(compare)}" if compare else ""
+        )
+        print(f"\n[4/4] DoReMi: {what} (examples/quickstart/pipeline.json)", flush=True)
+        run_pipeline(PIPELINE_CONFIG, overrides, echo=echo)
     except (StepFailed, PipelineError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -160,7 +267,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quiet", action="store_true", help="keep the trainers' output in their train.log only"
     )
+    parser.add_argument(
+        "--compare",
+        default="",
+        metavar="LIST",
+        help=f"more mixing methods as report columns, comma-separated: {COMPARE_CHOICES} (one main model each)",
+    )
+    parser.add_argument("--regmix-runs", type=int, default=16, help="proxies for --compare regmix")
+    parser.add_argument("--regmix-iters", type=int, default=40, help="steps of each RegMix proxy")
     args = parser.parse_args(argv)
+    try:
+        compare = parse_compare(args.compare)
+    except ValueError as exc:
+        parser.error(str(exc))
     out = Path(args.out).resolve()  # mixture.json holds absolute prefixes: it loads from any directory
     try:
         (out / "data").mkdir(parents=True, exist_ok=True)
@@ -175,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.train:
-        return run_doremi(out, args.train_iters, echo=not args.quiet)
+        return run_doremi(out, args.train_iters, not args.quiet, compare, args.regmix_runs, args.regmix_iters)
     return 0
 
 

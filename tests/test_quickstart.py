@@ -14,6 +14,7 @@ def test_quickstart_prints_counts_and_realised_proportions(tmp_path):
     out = tmp_path / "qs"
     cmd = [sys.executable, "-m", "megatron_doremi.quickstart", "--out", str(out), "--vocab-size", "2048"]
     cmd += ["--steps", "50", "--workers", "1", "--train-iters", "4", "--quiet"]
+    cmd += ["--compare", "unimax:1,odm,regmix", "--regmix-runs", "5", "--regmix-iters", "3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
@@ -51,6 +52,24 @@ def test_quickstart_prints_counts_and_realised_proportions(tmp_path):
         assert row, f"no headline row for {name}:\n{text[-2500:]}"
         assert abs(float(row.group(1)) - w) < 1e-4
         assert abs(float(row.group(3)) - main_eval["domains"][name]["loss"]) < 1e-3
+    # --compare: RegMix ran on the sample, then one more main model per method, as columns of the report
+    regmix = json.loads((out / "regmix" / "domain_weights.json").read_text())
+    assert len(list((out / "regmix").glob("run_*/eval_summary.json"))) == 5
+    odm = json.loads(
+        (doremi / "compare" / "odm" / "domain_weights.json").read_text()
+    )  # written by the trainer
+    assert odm["mixer"] == "odm" and abs(sum(odm["average"]["weights"].values()) - 1) < 1e-9
+    report = json.loads((doremi / "report.json").read_text())
+    methods = report["method_comparison"]["methods"]
+    assert methods == ["baseline", "DoReMi", "unimax", "odm", "regmix"]
+    assert report["methods"]["regmix"]["weights"] == regmix["average"]["weights"]
+    for label in ("unimax", "odm", "regmix"):
+        summary = json.loads((doremi / "compare" / label / "eval_summary.json").read_text())
+        for name in mixture.names:
+            assert report["method_comparison"]["domains"][name][label] == summary["domains"][name]["loss"]
+    header = re.search(r"^validation loss\s+(.*)$", text, re.MULTILINE)
+    assert header and header.group(1).split() == methods, text[-3000:]
+    assert "ranking by uniform average (best first):" in text
     # a second run reuses every output
     again = subprocess.run([*cmd, "--no-train"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "shard exists" in again.stdout and "tokenizer exists" in again.stdout

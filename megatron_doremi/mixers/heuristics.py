@@ -190,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n, t, w in zip(mixture.names, tokens, weights):
         print(f"  {n:<{width}}  {int(t):>14,} tokens  {w:.4f}")
     print(f"wrote {args.out}")
+    print(f'compare with DoReMi: add "compare": {{"{args.method}": "{args.out}"}} to the pipeline config')
     return 0
 
 

@@ -295,6 +295,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"  {n:<{width}}  {w:.4f}  (prior {ex['prior'][n]:.4f})")
     for k, p in res["paths"].items():
         print(f"  {k}: {p}")
+    weights_json = res["paths"].get("weights", args.out)
+    print(f'  compare with DoReMi: add "compare": {{"regmix": "{weights_json}"}} to the pipeline config')
     return 0
 
 
