@@ -308,6 +308,40 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
     return out
 
 
+def _grouped_bars(
+    path: str,
+    groups: Sequence[str],
+    series: Sequence[tuple[str, Sequence[float]]],
+    ylabel: str,
+    title: str,
+    zoom: bool,
+) -> None:
+    """One bar per (group, series) side by side, saved as a PNG; ``zoom`` starts the y axis near the data."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(min(14.0, max(6.0, (0.35 * len(series) + 0.2) * len(groups) + 2)), 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series):
+        xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(groups))]
+        ax.bar(xs, values, width, label=label)
+    if zoom:
+        flat = [v for _, values in series for v in values]
+        lo, hi = min(flat), max(flat)
+        ax.set_ylim(bottom=max(0.0, lo - 0.1 * (hi - lo + 1e-9) - 0.05))
+    tilt = len(groups) > 6 or zoom
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=45 if tilt else 0, ha="right" if tilt else "center")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
 def _plot_weights(
     path: str,
     names: Sequence[str],
@@ -315,9 +349,6 @@ def _plot_weights(
     rounds: Sequence[RoundWeights],
     methods: Sequence[MethodResult] = (),
 ) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     series = [("reference", [reference[n] for n in names])]
     series += [
         (f"DoReMi ᾱ round {r.round}" if len(rounds) > 1 else "DoReMi ᾱ", [r.average[n] for n in names])
@@ -328,84 +359,50 @@ def _plot_weights(
         for m in methods
         if m.weights is not None
     ]
-    fig = Figure(figsize=(max(6.0, 0.7 * len(names) + 2), 4.2), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    width = 0.8 / len(series)
-    for i, (label, values) in enumerate(series):
-        ax.bar(
-            [x + (i - (len(series) - 1) / 2) * width for x in range(len(names))], values, width, label=label
-        )
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(
-        names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center"
-    )
-    ax.set_ylabel("domain weight")
-    ax.set_title("domain weights: reference vs DoReMi" + (" and other methods" if methods else ""))
-    ax.legend(fontsize="small")
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    _save_fig(fig, path)
+    title = "domain weights: reference vs DoReMi" + (" and other methods" if methods else "")
+    _grouped_bars(path, names, series, "domain weight", title, zoom=False)
+
+
+_LOSS_GROUPS = ("token-wtd avg", "uniform avg", "worst")
 
 
 def _plot_loss(path: str, names: Sequence[str], comparison: Mapping[str, Any]) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    labels = list(names) + ["token-wtd avg", "uniform avg", "worst"]
-    base = [comparison["domains"][n]["baseline"] for n in names]
-    ours = [comparison["domains"][n]["doremi"] for n in names]
-    for key in ("token_weighted", "uniform", "worst"):
-        base.append(comparison[key]["baseline"])
-        ours.append(comparison[key]["doremi"])
-    fig = Figure(figsize=(max(6.0, 0.7 * len(labels) + 2), 4.2), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], base, 0.4, label="baseline (reference weights)")
-    ax.bar([x + 0.2 for x in xs], ours, 0.4, label="DoReMi (ᾱ)")
-    lo = min(base + ours)
-    ax.set_ylim(bottom=max(0.0, lo - 0.1 * (max(base + ours) - lo + 1e-9) - 0.05))
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels, rotation=45, ha="right")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("per-domain validation loss of the main models")
-    ax.legend(fontsize="small")
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    _save_fig(fig, path)
+    """Baseline vs DoReMi validation loss per domain, on the averages and the worst case."""
+    series = []
+    for key, label in (("baseline", "baseline (reference weights)"), ("doremi", "DoReMi (ᾱ)")):
+        values = [comparison["domains"][n][key] for n in names]
+        values += [comparison[agg][key] for agg in ("token_weighted", "uniform", "worst")]
+        series.append((label, values))
+    groups = [*names, *_LOSS_GROUPS]
+    _grouped_bars(
+        path,
+        groups,
+        series,
+        "validation loss (nats/token)",
+        "per-domain validation loss of the main models",
+        True,
+    )
 
 
 def _plot_methods(path: str, names: Sequence[str], comparison: Mapping[str, Any]) -> None:
-    """Grouped bars: every method's validation loss per domain and on the averages / worst case."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    labels = list(comparison["methods"])
-    groups = list(names) + ["token-wtd avg", "uniform avg", "worst"]
-    values = {
-        m: [comparison["domains"][n][m] for n in names]
-        + [comparison["token_weighted"][m], comparison["uniform"][m], comparison["worst"][m]["loss"]]
-        for m in labels
-    }
-    fig = Figure(figsize=(max(6.0, 0.35 * len(groups) * len(labels) + 2), 4.2), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    width = 0.8 / len(labels)
-    for i, m in enumerate(labels):
-        xs = [x + (i - (len(labels) - 1) / 2) * width for x in range(len(groups))]
-        ax.bar(xs, values[m], width, label=m)
-    flat = [v for vs in values.values() for v in vs]
-    lo, hi = min(flat), max(flat)
-    ax.set_ylim(bottom=max(0.0, lo - 0.1 * (hi - lo + 1e-9) - 0.05))
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups, rotation=45, ha="right")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("per-domain validation loss by mixing method")
-    ax.legend(fontsize="small")
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    _save_fig(fig, path)
+    """Every method's validation loss per domain, on the averages and the worst case."""
+    series = [
+        (
+            m,
+            [comparison["domains"][n][m] for n in names]
+            + [comparison["token_weighted"][m], comparison["uniform"][m], comparison["worst"][m]["loss"]],
+        )
+        for m in comparison["methods"]
+    ]
+    groups = [*names, *_LOSS_GROUPS]
+    _grouped_bars(
+        path,
+        groups,
+        series,
+        "validation loss (nats/token)",
+        "per-domain validation loss by mixing method",
+        True,
+    )
 
 
 def _save_fig(fig: Any, path: str) -> None:
