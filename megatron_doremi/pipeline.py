@@ -7,7 +7,7 @@ Pipeline config (JSON; relative paths are relative to the current directory, lik
     {
       "output_dir": "runs/pipeline",
       "launcher": "python",      # | "deepspeed --num_gpus 8" | "torchrun --nproc_per_node 8" | "srun ..." |
-                                 #   {"default": ..., "reference": ..., "proxy": ..., "main": ..., "baseline": ...}
+                                 #   {"default": ..., "reference": ..., "proxy": ..., "main": ..., "baseline": ..., "compare": ...}
       "rounds": 1,               # iterated DoReMi: round r+1's reference trains on (and its proxy samples with)
                                  #   round r's ᾱ
       "reference_weights": null, # null/"uniform" | "mixture" (the mixture's weights) | [w, ...] | {name: w}
