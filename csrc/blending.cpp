@@ -164,10 +164,11 @@ void blend_exact_megatron(py::array weights, py::array domain_out, py::array sam
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Period table: earliest-deadline-first over unit jobs. Domain d (count m = m_d > 0) has jobs k = 1..m with
-// release slot floor((k-1) P / m) and deadline slot floor((k P - 1) / m) = ceil(k P / m) - 1. Slot i takes the
-// released job with the smallest (deadline, d). The windows satisfy Hall's condition, so EDF fills every slot
-// on time and floor(m t / P) <= c_d(t) <= ceil(m t / P) for every prefix t (proof in blending.py).
+// Period table: earliest-deadline-first over unit jobs. Without a lag, domain d (count m = m_d > 0) has jobs
+// k = 1..m with release slot floor((k-1) P / m) and deadline slot ceil(k P / m) - 1. Slot i takes the released
+// job with the smallest (deadline, d). The windows satisfy Hall's condition, so EDF fills every slot on time and
+// floor(m t / P) <= c_d(t) <= ceil(m t / P) for every prefix t (proof in blending.py). A segment after the first
+// shifts each domain's windows by its lag (what it is owed when the segment starts).
 // Binary min-heap of packed keys (slot << 32 | domain): one integer compare orders by (slot, domain).
 class KeyHeap {
  public:
@@ -190,7 +191,6 @@ class KeyHeap {
     h_.pop_back();
     if (!h_.empty()) sift_down(last);
   }
-  void replace_top(uint64_t key) { sift_down(key); }
 
  private:
   void sift_down(uint64_t key) {
@@ -209,70 +209,18 @@ class KeyHeap {
   std::vector<uint64_t> h_;
 };
 
-template <typename TT>
-bool period_loop(const int64_t* m, int64_t D, int64_t P, int64_t limit, TT* table, int32_t* rank) {
-  constexpr uint64_t kLow = 0xffffffffULL;
-  KeyHeap ready(static_cast<size_t>(D));    // (deadline, d) of the next job of each released domain
-  KeyHeap pending(static_cast<size_t>(D));  // (release, d) of the next job of each unreleased domain
-  // Per domain, with k = jobs done: rel = floor(k P / m), rem = k P mod m, dl = deadline of job k + 1.
-  // Advanced by adding P = qp * m + rp, so the loop needs no division.
-  std::vector<int64_t> c(D, 0), rel(D, 0), rem(D, 0), dl(D, 0), qp(D, 0), rp(D, 0);
-  auto deadline_after = [&](int64_t d) {  // floor(((k + 1) P - 1) / m) from rel, rem
-    int64_t r = rel[d] + qp[d], e = rem[d] + rp[d];
-    if (e >= m[d]) {
-      ++r;
-      e -= m[d];
-    }
-    return r - (e == 0 ? 1 : 0);
-  };
-  for (int64_t d = 0; d < D; ++d) {
-    if (m[d] <= 0) continue;
-    qp[d] = P / m[d];
-    rp[d] = P % m[d];
-    dl[d] = deadline_after(d);
-    ready.push((static_cast<uint64_t>(dl[d]) << 32) | static_cast<uint64_t>(d));
-  }
-  for (int64_t i = 0; i < limit; ++i) {
-    while (!pending.empty() && static_cast<int64_t>(pending.top() >> 32) <= i) {
-      const int64_t d = static_cast<int64_t>(pending.top() & kLow);
-      pending.pop();
-      ready.push((static_cast<uint64_t>(dl[d]) << 32) | static_cast<uint64_t>(d));
-    }
-    if (ready.empty() || static_cast<int64_t>(ready.top() >> 32) < i) return false;  // impossible if sum(m) == P
-    const int64_t d = static_cast<int64_t>(ready.top() & kLow);
-    table[i] = static_cast<TT>(d);
-    rank[i] = static_cast<int32_t>(c[d]);
-    if (++c[d] < m[d]) {
-      rel[d] += qp[d];  // release of the next job: floor(c P / m)
-      rem[d] += rp[d];
-      if (rem[d] >= m[d]) {
-        ++rel[d];
-        rem[d] -= m[d];
-      }
-      dl[d] = deadline_after(d);
-      if (rel[d] <= i + 1) {  // released by the next slot: straight back into the ready heap
-        ready.replace_top((static_cast<uint64_t>(dl[d]) << 32) | static_cast<uint64_t>(d));
-        continue;
-      }
-      pending.push((static_cast<uint64_t>(rel[d]) << 32) | static_cast<uint64_t>(d));
-    }
-    ready.pop();
-  }
-  return true;
-}
-
 inline int64_t floor_div(int64_t a, int64_t b) {  // b > 0
   const int64_t q = a / b;
   return (a % b != 0 && a < 0) ? q - 1 : q;
 }
 
-// EDF with per-domain lags (blending.py: _build_lagged_table_py). Domain d is owed lag[d] / P samples when the
-// period starts: job k is released at max(0, floor((k P - lag) / m)) and due at
+// Domain d is owed lag[d] / P samples when the period starts (0 for a plain period table, see blending.py): its
+// job k (0-based) is released at max(0, floor((k P - lag) / m)) and due at
 // min(P - 1, max(release, ceil(((k + 1) P - lag) / m) - 1)); a slot with no released job takes the earliest
-// released one early. Divisions per job (this table is only built for segments after the first).
+// released one early. Returns false if a deadline was missed, which cannot happen without a lag.
 template <typename TT>
-void lagged_period_loop(const int64_t* m, const int64_t* lag, int64_t D, int64_t P, int64_t limit, TT* table,
-                        int32_t* rank) {
+bool period_loop(const int64_t* m, const int64_t* lag, int64_t D, int64_t P, int64_t limit, TT* table,
+                 int32_t* rank) {
   constexpr uint64_t kLow = 0xffffffffULL;
   auto release = [&](int64_t d, int64_t k) { return std::max<int64_t>(0, floor_div(k * P - lag[d], m[d])); };
   auto deadline = [&](int64_t d, int64_t k) {
@@ -280,9 +228,10 @@ void lagged_period_loop(const int64_t* m, const int64_t* lag, int64_t D, int64_t
     return std::min<int64_t>(P - 1, std::max(release(d, k), due));
   };
   auto key = [](int64_t when, int64_t d) { return (static_cast<uint64_t>(when) << 32) | static_cast<uint64_t>(d); };
-  KeyHeap ready(static_cast<size_t>(D));
-  KeyHeap pending(static_cast<size_t>(D));
+  KeyHeap ready(static_cast<size_t>(D));    // (deadline, d) of the next job of each released domain
+  KeyHeap pending(static_cast<size_t>(D));  // (release, d) of the next job of each unreleased domain
   std::vector<int64_t> c(D, 0);
+  bool on_time = true;
   for (int64_t d = 0; d < D; ++d) {
     if (m[d] > 0) pending.push(key(release(d, 0), d));
   }
@@ -292,17 +241,19 @@ void lagged_period_loop(const int64_t* m, const int64_t* lag, int64_t D, int64_t
       pending.pop();
       ready.push(key(deadline(d, c[d]), d));
     }
-    if (ready.empty()) {  // nothing released: the earliest-released job runs early
+    if (ready.empty()) {  // nothing released (only with a lag): the earliest-released job runs early
       const int64_t d = static_cast<int64_t>(pending.top() & kLow);
       pending.pop();
       ready.push(key(deadline(d, c[d]), d));
     }
+    on_time = on_time && static_cast<int64_t>(ready.top() >> 32) >= i;
     const int64_t d = static_cast<int64_t>(ready.top() & kLow);
     ready.pop();
     table[i] = static_cast<TT>(d);
     rank[i] = static_cast<int32_t>(c[d]);
     if (++c[d] < m[d]) pending.push(key(release(d, c[d]), d));
   }
+  return on_time;
 }
 
 void blend_period_table(py::array counts, int64_t period, py::array table_out, py::array rank_out,
@@ -319,47 +270,35 @@ void blend_period_table(py::array counts, int64_t period, py::array table_out, p
   const int64_t limit = rank_out.ndim() == 1 ? rank_out.shape(0) : -1;
   if (limit > period) throw std::invalid_argument("rank_out longer than the period");
   int32_t* rank = mutable_data<int32_t>(rank_out, "rank_out", limit);
-  if (!lag_obj.is_none()) {
+  std::vector<int64_t> lag_values(static_cast<size_t>(D), 0);
+  const bool lagged = !lag_obj.is_none();
+  if (lagged) {
     py::array lag_arr = py::reinterpret_borrow<py::array>(lag_obj);
     const int64_t* lag = const_data<int64_t>(lag_arr, "lag");
     if (lag_arr.shape(0) != D) throw std::invalid_argument("lag: expected one value per domain");
     for (int64_t d = 0; d < D; ++d) {
       if (lag[d] <= -(int64_t{1} << 60) || lag[d] >= (int64_t{1} << 60)) throw std::invalid_argument("lag out of range");
+      lag_values[d] = lag[d];
     }
-    if (py::isinstance<py::array_t<uint8_t>>(table_out)) {
-      if (D > 256) throw std::invalid_argument("table_out: uint8 holds at most 256 domains");
-      uint8_t* t = mutable_data<uint8_t>(table_out, "table_out", limit);
-      py::gil_scoped_release nogil;
-      lagged_period_loop<uint8_t>(m, lag, D, period, limit, t, rank);
-    } else if (py::isinstance<py::array_t<uint16_t>>(table_out)) {
-      if (D > 65536) throw std::invalid_argument("table_out: uint16 holds at most 65536 domains");
-      uint16_t* t = mutable_data<uint16_t>(table_out, "table_out", limit);
-      py::gil_scoped_release nogil;
-      lagged_period_loop<uint16_t>(m, lag, D, period, limit, t, rank);
-    } else {
-      int32_t* t = mutable_data<int32_t>(table_out, "table_out (uint8, uint16 or int32)", limit);
-      py::gil_scoped_release nogil;
-      lagged_period_loop<int32_t>(m, lag, D, period, limit, t, rank);
-    }
-    return;
   }
-  bool ok;
+  const int64_t* lag = lag_values.data();
+  bool on_time;
   if (py::isinstance<py::array_t<uint8_t>>(table_out)) {
     if (D > 256) throw std::invalid_argument("table_out: uint8 holds at most 256 domains");
     uint8_t* t = mutable_data<uint8_t>(table_out, "table_out", limit);
     py::gil_scoped_release nogil;
-    ok = period_loop<uint8_t>(m, D, period, limit, t, rank);
+    on_time = period_loop<uint8_t>(m, lag, D, period, limit, t, rank);
   } else if (py::isinstance<py::array_t<uint16_t>>(table_out)) {
     if (D > 65536) throw std::invalid_argument("table_out: uint16 holds at most 65536 domains");
     uint16_t* t = mutable_data<uint16_t>(table_out, "table_out", limit);
     py::gil_scoped_release nogil;
-    ok = period_loop<uint16_t>(m, D, period, limit, t, rank);
+    on_time = period_loop<uint16_t>(m, lag, D, period, limit, t, rank);
   } else {
     int32_t* t = mutable_data<int32_t>(table_out, "table_out (uint8, uint16 or int32)", limit);
     py::gil_scoped_release nogil;
-    ok = period_loop<int32_t>(m, D, period, limit, t, rank);
+    on_time = period_loop<int32_t>(m, lag, D, period, limit, t, rank);
   }
-  if (!ok) throw std::runtime_error("period schedule missed a deadline (internal error)");
+  if (!on_time && !lagged) throw std::runtime_error("period schedule missed a deadline (internal error)");
 }
 
 // ---------------------------------------------------------------------------------------------------------

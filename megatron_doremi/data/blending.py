@@ -286,40 +286,15 @@ def quantize_weights(weights: Any, period: int, names: Sequence[str] | None = No
     return counts
 
 
-def _build_table_py(counts: np.ndarray, period: int, limit: int, table: np.ndarray, rank: np.ndarray) -> None:
-    """Pure-Python EDF (same as blend_period_table in csrc/blending.cpp)."""
-    m = [int(x) for x in counts]
-    c = [0] * len(m)
-    ready = [((period - 1) // m[d], d) for d in range(len(m)) if m[d] > 0]
-    heapq.heapify(ready)
-    pending: list[tuple[int, int]] = []
-    tab = [0] * limit
-    rk = [0] * limit
-    for i in range(limit):
-        while pending and pending[0][0] <= i:
-            _, d = heapq.heappop(pending)
-            heapq.heappush(ready, (((c[d] + 1) * period - 1) // m[d], d))
-        if not ready or ready[0][0] < i:
-            raise RuntimeError("period schedule missed a deadline (internal error)")
-        _, d = heapq.heappop(ready)
-        tab[i] = d
-        rk[i] = c[d]
-        c[d] += 1
-        if c[d] < m[d]:
-            heapq.heappush(pending, ((c[d] * period) // m[d], d))
-    table[:] = tab
-    rank[:] = rk
-
-
-def _build_lagged_table_py(
+def _build_table_py(
     counts: np.ndarray, lag: np.ndarray, period: int, limit: int, table: np.ndarray, rank: np.ndarray
 ) -> None:
-    """EDF with per-domain lags (same as blend_period_table with ``lag`` in csrc/blending.cpp).
+    """Pure-Python EDF (same as blend_period_table in csrc/blending.cpp), with per-domain lags.
 
-    Domain ``d`` is owed ``lag[d] / period`` samples when the period starts: job ``k`` (0-based) is released at
-    ``max(0, floor((k P - lag) / m))`` and due at ``min(P - 1, max(release, ceil(((k + 1) P - lag) / m) - 1))``.
-    A slot with no released job takes the earliest-released one early. Every domain still gets exactly
-    ``m_d`` slots per period.
+    Domain ``d`` is owed ``lag[d] / period`` samples when the period starts (all zeros: the plain period table):
+    job ``k`` (0-based) is released at ``max(0, floor((k P - lag) / m))`` and due at
+    ``min(P - 1, max(release, ceil(((k + 1) P - lag) / m) - 1))``. A slot with no released job (only possible
+    with a lag) takes the earliest-released one early. Every domain gets exactly ``m_d`` slots per period.
     """
     m = [int(x) for x in counts]
     e = [int(x) for x in lag]
@@ -338,6 +313,7 @@ def _build_lagged_table_py(
             heapq.heappush(pending, (release(d, 0), d))
     tab = [0] * limit
     rk = [0] * limit
+    lagged = any(e)
     for i in range(limit):
         while pending and pending[0][0] <= i:
             _, d = heapq.heappop(pending)
@@ -345,6 +321,8 @@ def _build_lagged_table_py(
         if not ready:
             _, d = heapq.heappop(pending)
             heapq.heappush(ready, (deadline(d, c[d]), d))
+        if ready[0][0] < i and not lagged:
+            raise RuntimeError("period schedule missed a deadline (internal error)")
         _, d = heapq.heappop(ready)
         tab[i] = d
         rk[i] = c[d]
@@ -366,18 +344,13 @@ def _build_table(
     table = np.empty(limit, dtype=_table_dtype(len(counts)))
     rank = np.empty(limit, dtype=np.int32)
     counts = np.ascontiguousarray(counts, dtype=np.int64)
-    if lag is not None and not np.any(lag):
-        lag = None
     if lag is not None:
-        lag = np.ascontiguousarray(lag, dtype=np.int64)
-        if _native.native_enabled():
-            _native.helpers.blend_period_table(counts, period, table, rank, lag)
-        else:
-            _build_lagged_table_py(counts, lag, period, limit, table, rank)
-    elif _native.native_enabled():
-        _native.helpers.blend_period_table(counts, period, table, rank)
+        lag = np.ascontiguousarray(lag, dtype=np.int64) if np.any(lag) else None
+    if _native.native_enabled():
+        _native.helpers.blend_period_table(counts, period, table, rank, lag)
     else:
-        _build_table_py(counts, period, limit, table, rank)
+        zeros = np.zeros(len(counts), dtype=np.int64)
+        _build_table_py(counts, zeros if lag is None else lag, period, limit, table, rank)
     if limit == period:  # invariant (a): a full period holds exactly m_d of each domain
         got = np.bincount(table, minlength=len(counts))
         if not np.array_equal(got, counts):
