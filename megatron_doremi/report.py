@@ -135,28 +135,24 @@ def compare_evals(
     domain by its evaluated tokens (from the summaries); the uniform average and the worst case are recomputed
     from the per-domain losses.
     """
-    d_loss = _eval_losses(doremi, names, what[0])
-    b_loss = _eval_losses(baseline, names, what[1])
+    c = compare_methods(
+        names, {"doremi": doremi, "baseline": baseline}, what={"doremi": what[0], "baseline": what[1]}
+    )
     domains = {}
     for n in names:
-        delta = d_loss[n] - b_loss[n]
-        domains[n] = {
-            "baseline": b_loss[n],
-            "doremi": d_loss[n],
-            "delta": delta,
-            "improved": delta < -TIE_TOLERANCE,
-        }
-    agg = {}
-    for key, fn in (("token_weighted", _token_weighted), ("uniform", _uniform)):
-        b, d = fn(b_loss, baseline, names), fn(d_loss, doremi, names)
+        b, d = c["domains"][n]["baseline"], c["domains"][n]["doremi"]
+        domains[n] = {"baseline": b, "doremi": d, "delta": d - b, "improved": d - b < -TIE_TOLERANCE}
+    agg: dict[str, Any] = {}
+    for key in ("token_weighted", "uniform"):
+        b, d = c[key]["baseline"], c[key]["doremi"]
         agg[key] = {"baseline": b, "doremi": d, "delta": d - b}
-    bw, dw = max(names, key=b_loss.__getitem__), max(names, key=d_loss.__getitem__)
+    bw, dw = c["worst"]["baseline"], c["worst"]["doremi"]
     agg["worst"] = {
-        "baseline": b_loss[bw],
-        "doremi": d_loss[dw],
-        "delta": d_loss[dw] - b_loss[bw],
-        "baseline_domain": bw,
-        "doremi_domain": dw,
+        "baseline": bw["loss"],
+        "doremi": dw["loss"],
+        "delta": dw["loss"] - bw["loss"],
+        "baseline_domain": bw["domain"],
+        "doremi_domain": dw["domain"],
     }
     return {
         "domains": domains,
@@ -167,7 +163,10 @@ def compare_evals(
 
 
 def compare_methods(
-    names: Sequence[str], evals: Mapping[str, Mapping[str, Any]], baseline: str = "baseline"
+    names: Sequence[str],
+    evals: Mapping[str, Mapping[str, Any]],
+    baseline: str = "baseline",
+    what: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Validation losses of several main models (``{label: eval_summary}``, one of them ``baseline``).
 
@@ -175,11 +174,13 @@ def compare_methods(
     "token_weighted": {label: loss}, "uniform": {label: loss}, "worst": {label: {"loss", "domain"}},
     "vs_baseline": {label: {"token_weighted", "uniform", "worst" (Δ = label − baseline), "improved": [names]}},
     "ranking": [labels by uniform average, best first]}``. ``best`` and ``ranking`` break ties by label order.
+    ``what``: label -> the summary's name in error messages (default ``"<label> eval"``).
     """
     labels = list(evals)
     if baseline not in evals:
         raise ReportError(f"compare_methods: no {baseline!r} among {labels}")
-    losses = {label: _eval_losses(evals[label], names, f"{label} eval") for label in labels}
+    what = what or {}
+    losses = {label: _eval_losses(evals[label], names, what.get(label, f"{label} eval")) for label in labels}
     out: dict[str, Any] = {"methods": labels, "baseline": baseline}
     out["domains"] = {n: {label: losses[label][n] for label in labels} for n in names}
     out["best"] = {n: min(labels, key=lambda label, n=n: losses[label][n]) for n in names}
