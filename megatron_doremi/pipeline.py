@@ -68,6 +68,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_doremi.atomic_io import atomic_write_json
+from megatron_doremi.json_files import read_json_file
 from megatron_doremi.report import MethodResult
 
 __all__ = [
@@ -146,7 +147,7 @@ class CompareEntry:
 def read_weights_file(path: str) -> dict[str, float]:
     """``{name: w}`` from a weights file: a ``domain_weights.json`` (DoReMi, RegMix, the heuristics CLI: its
     ``average``), a mixture JSON (``domains.<name>.weight``) or a plain ``{name: w}`` object; not normalised."""
-    doc = _read_json(path)
+    doc = _read_json(path, "weights file")
     if isinstance(doc, Mapping):
         block = doc.get("average")
         if isinstance(block, Mapping) and isinstance(block.get("weights"), Mapping):
@@ -423,12 +424,8 @@ def build_command(launcher: str, config_path: str) -> list[str]:
 # ---- the pipeline ------------------------------------------------------------------------------------------------
 
 
-def _read_json(path: str) -> Any:
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PipelineError(f"{path}: cannot read ({exc})") from None
+def _read_json(path: str, what: str = "JSON file") -> Any:
+    return read_json_file(path, what, PipelineError)
 
 
 def _subprocess_runner(echo: bool) -> Runner:

@@ -12,7 +12,6 @@ written in both forms (:meth:`Mixture.to_json_dict`, :meth:`Mixture.to_data_path
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -157,15 +156,12 @@ class Mixture:
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Mixture:
         """Load a mixture JSON file; relative prefixes are resolved against the file's directory."""
+        from megatron_doremi.json_files import read_json_file
+
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise MixtureError(f"{path}: cannot read mixture file ({exc.strerror})") from None
-        try:
-            spec = json.loads(text, object_pairs_hook=_reject_duplicate_keys(str(path)))
-        except json.JSONDecodeError as exc:
-            raise MixtureError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        spec = read_json_file(
+            path, "mixture file", MixtureError, duplicate_hint=" (duplicate domain names are not allowed)"
+        )
         return cls.from_dict(spec, source=str(path), base_dir=str(path.parent))
 
     @classmethod
@@ -227,22 +223,6 @@ class Mixture:
             for p in d.prefixes:
                 items.append(f"{w / len(d.prefixes):.10g} {p}")
         return " ".join(items)
-
-
-def _reject_duplicate_keys(source: str):
-    """json object_pairs_hook that raises on a key repeated in one object (json.loads keeps the last silently)."""
-
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise MixtureError(
-                    f"{source}: duplicate key {key!r} (duplicate domain names are not allowed)"
-                )
-            out[key] = value
-        return out
-
-    return hook
 
 
 def domain_name_from_prefix(prefix: str) -> str:

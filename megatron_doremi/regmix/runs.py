@@ -26,7 +26,6 @@ mean of the per-domain losses, recomputed from ``domains``.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shlex
 import subprocess
@@ -75,16 +74,9 @@ def run_name(index: int) -> str:
 
 def read_json(path: str | os.PathLike[str], what: str) -> Any:
     """Parse a JSON file; RegmixError naming the file (and line) when missing or invalid."""
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise RegmixError(f"{path}: {what} not found") from None
-    except OSError as exc:
-        raise RegmixError(f"{path}: cannot read {what} ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
-        raise RegmixError(f"{path}:{exc.lineno}: invalid JSON in {what} ({exc.msg})") from None
+    from megatron_doremi.json_files import read_json_file
+
+    return read_json_file(path, what, RegmixError)
 
 
 def set_dotted(obj: dict[str, Any], key: str, value: Any) -> None:

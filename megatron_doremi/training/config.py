@@ -44,8 +44,9 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from megatron_doremi.json_files import read_json_file
 
 __all__ = [
     "ConfigError",
@@ -112,34 +113,9 @@ class ConfigError(ValueError):
 # ---- JSON helpers ------------------------------------------------------------------------------------------------
 
 
-def _no_duplicates(source: str):
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise ConfigError(f"{source}: duplicate key {key!r}")
-            out[key] = value
-        return out
-
-    return hook
-
-
 def read_json(path: str | os.PathLike[str], what: str = "config") -> dict[str, Any]:
     """Parse a JSON object file; ConfigError naming the file (and line) when missing, unreadable or invalid."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{what} file {p} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"{what} file {p}: cannot read ({exc.strerror})") from None
-    try:
-        data = json.loads(text, object_pairs_hook=_no_duplicates(str(p)))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{p}:{exc.lineno}:{exc.colno}: invalid JSON ({exc.msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a JSON object at the top level, got {type(data).__name__}")
-    return data
+    return read_json_file(path, what, ConfigError, require_object=True)
 
 
 # ---- overrides ---------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from megatron_doremi.json_files import read_json_file
 from megatron_doremi.training.checkpoint import CheckpointError, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -80,19 +81,22 @@ def export_hf(
             raise ExportError(
                 f"{tag_dir}: no hf_config.json (not saved by megatron_doremi?); pass the model config"
             )
-        hf_config = json.load(open(cfg_path))
+        hf_config = read_json_file(cfg_path, "HF model config", ExportError)
     if dtype == "auto":
         run_cfg_path = os.path.join(tag_dir, "ds_config.json")
         bf16 = False
         if os.path.isfile(run_cfg_path):
-            bf16 = bool((json.load(open(run_cfg_path)).get("bf16") or {}).get("enabled", False))
+            ds_config = read_json_file(run_cfg_path, "DeepSpeed config", ExportError, require_object=True)
+            bf16 = bool((ds_config.get("bf16") or {}).get("enabled", False))
         dtype = "bf16" if bf16 else "fp32"
     if dtype not in _DTYPES:
         raise ExportError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
     if tokenizer is None:
         run_cfg = os.path.join(tag_dir, "run_config.json")
         if os.path.isfile(run_cfg):
-            tokenizer = json.load(open(run_cfg)).get("tokenizer")
+            tokenizer = read_json_file(run_cfg, "run config", ExportError, require_object=True).get(
+                "tokenizer"
+            )
 
     config = make_hf_config(hf_config)
     state = _consolidated_state_dict(load_dir, tag)

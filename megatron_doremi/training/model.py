@@ -168,11 +168,13 @@ def build_model(
 def _checkpoint_tensors(path: str) -> dict[str, Any]:
     """name -> lazily readable tensor of an HF model directory (safetensors, sharded or not, or pytorch_model.bin)."""
     import glob
-    import json
     import os
 
+    from megatron_doremi.json_files import read_json_file
+
     index = os.path.join(path, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index) else []
+    weight_map = read_json_file(index, "safetensors index")["weight_map"] if os.path.isfile(index) else {}
+    files = sorted(set(weight_map.values()))
     files = [os.path.join(path, f) for f in files] or sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if files:
         from safetensors import safe_open

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
-import json
 import logging
 import math
 import os
@@ -140,14 +139,9 @@ class ReferenceInfo:
 
 
 def _read_json(path: str, what: str) -> dict[str, Any]:
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{what} {path}: cannot read ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} {path}: expected a JSON object")
-    return data
+    from megatron_doremi.json_files import read_json_file
+
+    return read_json_file(path, what, ConfigError, require_object=True)
 
 
 def _model_dict(spec: dict[str, Any] | str, source: str, key: str) -> dict[str, Any]:
