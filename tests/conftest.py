@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,25 @@ def run_checked(cmd: list[str], timeout: int, ok: bool = True) -> subprocess.Com
             f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
         )
     return proc
+
+
+def sigkill_when(
+    cmd: list[str], ready: Callable[[], bool], timeout: float, cwd: str | os.PathLike[str]
+) -> None:
+    """Start ``cmd`` in its own process group, SIGKILL the whole group as soon as ``ready()`` holds (polled every
+    50 ms); fails if the run ends first or ``ready`` never holds within ``timeout`` seconds."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def write_shard(prefix: str, documents: list[np.ndarray], dtype: np.dtype = np.uint16) -> str:

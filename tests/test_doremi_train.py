@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from megatron_doremi.training.config import ConfigError, load_run_config
-from tests.conftest import free_port, launch_env, run_checked
+from tests.conftest import free_port, run_checked, sigkill_when
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 128
@@ -295,21 +293,8 @@ def test_sigkill_and_resume_continue_the_same_alpha_trajectory(data, accum_one, 
     cfg_path = _write(tmp_path / "killed.json", proxy_config(data, run_dir, checkpoint=ckpt,
                                                              debug={"step_sleep_s": 0.4}))  # fmt: skip
     cmd = [sys.executable, "-m", "megatron_doremi.train", "--config", str(cfg_path)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.time() + 120
-        jsonl = run_dir / "doremi_weights.jsonl"
-        while time.time() < deadline and proc.poll() is None:
-            if jsonl.exists() and len(jsonl.read_text().splitlines()) >= 16:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    jsonl = run_dir / "doremi_weights.jsonl"
+    sigkill_when(cmd, lambda: jsonl.exists() and len(jsonl.read_text().splitlines()) >= 16, 120, cwd=REPO)
     latest = (run_dir / "ckpt" / "latest").read_text()
     assert latest in ("global_step12", "global_step18"), latest
     assert len(_alphas(run_dir)) > int(latest.removeprefix("global_step")) + 1  # lines past the checkpoint

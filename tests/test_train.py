@@ -8,18 +8,15 @@ and the standalone evaluator on its checkpoint plus the HF export.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import free_port, launch_env, run_checked
+from tests.conftest import free_port, launch_env, run_checked, sigkill_when
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "quickstart" / "data"
@@ -184,20 +181,8 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(reference, data, 
     run_dir = tmp_path / "killed"
     cfg = _config(data, run_dir, debug={"dump_samples": False, "step_sleep_s": 0.7})
     cmd = _deepspeed("megatron_doremi.train", "--config", str(cfg))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            if (run_dir / "metrics.jsonl").exists() and len(_metrics(run_dir)) >= 5:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    metrics = run_dir / "metrics.jsonl"
+    sigkill_when(cmd, lambda: metrics.exists() and len(_metrics(run_dir)) >= 5, 180, cwd=REPO)
     latest = (run_dir / "ckpt" / "latest").read_text()
     assert latest in ("global_step4", "global_step6"), latest
     assert len(_metrics(run_dir)) < STEPS
