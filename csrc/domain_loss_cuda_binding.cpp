@@ -31,13 +31,28 @@ void raise_on_error(int code, const char* what) {
   TORCH_CHECK(code == 0, "domain_loss_cuda: ", what, " launch failed: ", mdl_error_string(code));
 }
 
+// Checks the logits and fills the fields both argument structs share: dtype, pointer, [B, T, V] and strides.
+template <typename Args>
+void set_logits(Args& a, const at::Tensor& logits) {
+  TORCH_CHECK(logits.is_cuda() && logits.dim() == 3, "domain_loss_cuda: logits must be a CUDA [B, T, V] tensor");
+  a.dtype = dtype_code(logits);
+  a.logits = logits.data_ptr();
+  a.batch = logits.size(0);
+  a.seq = logits.size(1);
+  a.vocab = logits.size(2);
+  a.sb = logits.stride(0);
+  a.st = logits.stride(1);
+  a.sv = logits.stride(2);
+}
+
 void forward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& domain_ids,
              const at::Tensor& ref, int64_t ignore_index, at::Tensor token_loss, at::Tensor lse,
              at::Tensor domain_loss_sum, at::Tensor domain_excess_sum, at::Tensor domain_token_count,
              int64_t stream) {
-  TORCH_CHECK(logits.is_cuda() && logits.dim() == 3, "domain_loss_cuda: logits must be a CUDA [B, T, V] tensor");
+  MdlForwardArgs a{};
+  set_logits(a, logits);
   const at::Device dev = logits.device();
-  const int64_t batch = logits.size(0), seq = logits.size(1), vocab = logits.size(2);
+  const int64_t batch = a.batch, seq = a.seq;
   const int64_t num_domains = domain_loss_sum.numel();
   check_cuda(labels, "labels", at::kLong, batch * seq, dev);
   check_cuda(domain_ids, "domain_ids", at::kLong, batch, dev);
@@ -49,15 +64,6 @@ void forward(const at::Tensor& logits, const at::Tensor& labels, const at::Tenso
   check_cuda(domain_excess_sum, "domain_excess_sum", at::kDouble, num_domains, dev);
   check_cuda(domain_token_count, "domain_token_count", at::kDouble, num_domains, dev);
   at::Tensor rows = at::empty({3, batch}, domain_loss_sum.options());
-  MdlForwardArgs a{};
-  a.dtype = dtype_code(logits);
-  a.logits = logits.data_ptr();
-  a.batch = batch;
-  a.seq = seq;
-  a.vocab = vocab;
-  a.sb = logits.stride(0);
-  a.st = logits.stride(1);
-  a.sv = logits.stride(2);
   a.labels = labels.data_ptr<int64_t>();
   a.domain_ids = domain_ids.data_ptr<int64_t>();
   a.ref = has_ref ? ref.data_ptr<float>() : nullptr;
@@ -76,23 +82,15 @@ void forward(const at::Tensor& logits, const at::Tensor& labels, const at::Tenso
 
 void backward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& row_coef,
               int64_t ignore_index, at::Tensor grad, int64_t stream) {
-  TORCH_CHECK(logits.is_cuda() && logits.dim() == 3, "domain_loss_cuda: logits must be a CUDA [B, T, V] tensor");
+  MdlBackwardArgs a{};
+  set_logits(a, logits);
   const at::Device dev = logits.device();
-  const int64_t batch = logits.size(0), seq = logits.size(1), vocab = logits.size(2);
+  const int64_t batch = a.batch, seq = a.seq;
   check_cuda(labels, "labels", at::kLong, batch * seq, dev);
   check_cuda(lse, "lse", at::kFloat, batch * seq, dev);
   check_cuda(row_coef, "row_coef", at::kFloat, batch, dev);
   TORCH_CHECK(grad.device() == dev && grad.scalar_type() == logits.scalar_type() && grad.sizes() == logits.sizes(),
               "domain_loss_cuda: grad must have the logits' device, dtype and shape");
-  MdlBackwardArgs a{};
-  a.dtype = dtype_code(logits);
-  a.logits = logits.data_ptr();
-  a.batch = batch;
-  a.seq = seq;
-  a.vocab = vocab;
-  a.sb = logits.stride(0);
-  a.st = logits.stride(1);
-  a.sv = logits.stride(2);
   a.grad = grad.data_ptr();
   a.gb = grad.stride(0);
   a.gt = grad.stride(1);
