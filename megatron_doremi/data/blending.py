@@ -640,6 +640,22 @@ class BlendSchedule:
         self._raw.append(raw)
         self._weights.append(w)
 
+    def use_megatron_weights(self, weights: Any, tolerance: float = 1e-9) -> bool:
+        """Exact mode: run the greedy on ``weights`` as given (Megatron's BlendedDataset weights, bit for bit).
+
+        Megatron normalises a blend's weights twice (builder and BlendedDataset), this project's chain
+        (mixture, mixer, schedule) three times; the last bits can differ and change a tie. The data layer
+        knows Megatron's exact weights and hands them over here. Applied only when they agree with this
+        schedule's weights within ``tolerance`` and nothing was looked up yet; returns whether it applied.
+        """
+        if self.mode != "exact" or self._exact is None or len(self._exact.smp):
+            return False
+        w = np.array(weights, dtype=np.float64).reshape(-1)
+        if w.shape != self._exact.w.shape or not np.all(np.abs(w - self._exact.w) <= tolerance):
+            return False
+        self._exact = _ExactState(w)
+        return True
+
     def append_segment(self, start: int, weights: Any) -> None:
         """Sample with ``weights`` from global sample ``start`` (> the last segment's start) on."""
         if self.mode == "exact":

@@ -1,7 +1,8 @@
-"""Per-domain document splits and Megatron-style packing into (L+1)-token samples.
+"""Per-domain document splits and the project's own packing into (L+1)-token samples.
 
-A domain's documents (concatenated over its shard prefixes) are split into train/valid/test by contiguous
-document ranges. Each split is then an endless stream of epochs: epoch ``e`` lays the split's documents end to
+Each shard prefix of a domain is split into train/valid/test on its own by contiguous document ranges, with
+Megatron-Core's rounding (:func:`split_document_ranges`); a domain's split is the union of its prefixes' splits.
+Each split is then an endless stream of epochs: epoch ``e`` lays the split's documents end to
 end in a seeded order, cuts the stream into ``S = (T - 1) // L`` samples where sample ``j`` is tokens
 ``[j*L, j*L + L]`` (L+1 tokens, crossing document boundaries; the tokens after the last full sample of an epoch
 are not used), and visits the samples in a seeded shuffled order. Both orders are keyed Feistel permutations
@@ -12,7 +13,8 @@ continues into a new epoch with its own document order and shuffle.
 
 All randomness comes from ``numpy.random.default_rng([seed, crc32(domain), split_id, epoch, purpose])``, so the
 indices are identical on every rank, across resumes and with or without the native extension (the native code
-only builds the sample index and copies tokens).
+only builds the sample index and copies tokens). Megatron-LM's own sample order (``packing: "megatron"``) is
+:mod:`megatron_doremi.data.megatron_gpt`.
 """
 
 from __future__ import annotations
@@ -40,14 +42,18 @@ class DataError(ValueError):
 
 
 def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
-    """``"98,1,1"`` (or ``"98/1/1"``, or 1-3 numbers) -> normalised fractions (train, valid, test)."""
+    """``"969,30,1"`` (or ``"98/1/1"``, or 1-3 numbers) -> fractions (train, valid, test).
+
+    Normalised as Megatron-Core's ``parse_and_normalize_split`` does (float64 ``w / sum(w)``), so the split
+    boundaries below are Megatron's to the last bit.
+    """
     if isinstance(split, str):
         parts = [p for p in split.replace("/", ",").split(",") if p.strip()]
         try:
             values = [float(p) for p in parts]
         except ValueError:
             raise DataError(
-                f"split {split!r}: expected up to three comma-separated numbers like '98,1,1'"
+                f"split {split!r}: expected up to three comma-separated numbers like '969,30,1'"
             ) from None
     else:
         values = [float(v) for v in split]
@@ -56,19 +62,40 @@ def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
     values += [0.0] * (3 - len(values))
     if any(not np.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
         raise DataError(f"split {split!r}: numbers must be finite, >= 0 and not all zero")
-    total = sum(values)
-    return (values[0] / total, values[1] / total, values[2] / total)
+    arr = np.array(values, dtype=np.float64)
+    normalised = (arr / np.sum(arr)).tolist()
+    return (normalised[0], normalised[1], normalised[2])
+
+
+def split_bookends(split: str | Sequence[float]) -> dict[str, tuple[float, float] | None]:
+    """Megatron-Core's split matrix: ``[start, end)`` fractions per split (cumulative sums), None when empty."""
+    fractions = parse_split(split)
+    cumulative = [0.0]
+    for frac in fractions:
+        cumulative.append(cumulative[-1] + frac)
+    return {
+        name: (cumulative[i], cumulative[i + 1]) if cumulative[i + 1] > cumulative[i] else None
+        for i, name in enumerate(SPLIT_NAMES)
+    }
 
 
 def split_document_ranges(num_documents: int, split: str | Sequence[float]) -> dict[str, tuple[int, int]]:
-    """Contiguous [start, end) document ranges per split, Megatron's rounding (boundaries rounded, last = total)."""
-    fractions = parse_split(split)
-    bounds = [0]
-    for frac in fractions:
-        bounds.append(bounds[-1] + int(round(frac * float(num_documents))))
-    diff = bounds[-1] - num_documents
-    bounds = [bounds[0]] + [b - diff for b in bounds[1:]]
-    return {name: (bounds[i], bounds[i + 1]) for i, name in enumerate(SPLIT_NAMES)}
+    """Contiguous [start, end) ranges per split, as Megatron-Core's builder computes them.
+
+    Each bookend is rounded on its own: ``int(round(fraction * float(n)))`` with Python's round-half-even on
+    the cumulative fractions of :func:`split_bookends`. A split with a zero fraction gets an empty range at
+    its start. (The old ``get_train_valid_test_split_`` arithmetic, which rounds sizes and then shifts them,
+    differs by one document for many counts.)
+    """
+    n = float(num_documents)
+    out: dict[str, tuple[int, int]] = {}
+    for name, bookend in split_bookends(split).items():
+        if bookend is None:
+            start = out[SPLIT_NAMES[SPLIT_NAMES.index(name) - 1]][1] if name != "train" else 0
+            out[name] = (start, start)
+        else:
+            out[name] = (int(round(bookend[0] * n)), int(round(bookend[1] * n)))
+    return out
 
 
 def build_sample_index(doc_lengths: np.ndarray, seq_length: int, num_samples: int) -> np.ndarray:
@@ -174,6 +201,29 @@ def build_epoch_indices(
     return order, sample_index, shuffle
 
 
+def _per_shard_ranges(
+    shards: Sequence[IndexedDataset], doc_range: tuple[int, int] | Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """``doc_range`` as one checked [lo, hi) document range per shard."""
+    counts = [s.num_documents for s in shards]
+    if len(doc_range) == 2 and all(isinstance(v, (int, np.integer)) for v in doc_range):
+        lo, hi = int(doc_range[0]), int(doc_range[1])  # type: ignore[arg-type]
+        if not 0 <= lo <= hi <= sum(counts):
+            raise DataError(f"document range [{lo}, {hi}) outside the shards' {sum(counts)} documents")
+        out, base = [], 0
+        for n in counts:
+            out.append((min(max(lo - base, 0), n), min(max(hi - base, 0), n)))
+            base += n
+        return out
+    ranges = [(int(a), int(b)) for a, b in doc_range]  # type: ignore[misc]
+    if len(ranges) != len(shards):
+        raise DataError(f"got {len(ranges)} document ranges for {len(shards)} shards")
+    for shard, n, (lo, hi) in zip(shards, counts, ranges):
+        if not 0 <= lo <= hi <= n:
+            raise DataError(f"{shard.prefix}: document range [{lo}, {hi}) outside its {n} documents")
+    return ranges
+
+
 @dataclass
 class _Epoch:
     order: np.ndarray  # int64 [n_docs] document visited at each epoch position
@@ -191,7 +241,9 @@ class DomainSequences:
         name: domain name (also seeds the RNG, so domains get independent orders).
         shards: the domain's opened shards, in prefix order; they must share a token dtype.
         split: which split this is ("train", "valid" or "test"); seeds the RNG.
-        doc_range: [start, end) over the concatenation of the shards' documents.
+        doc_range: per shard, its [start, end) document range (a list, one pair per shard, as
+            :func:`split_document_ranges` gives for each prefix); a single pair is a range over the
+            concatenation of the shards' documents.
         seq_length: L; samples hold L + 1 tokens.
         seed: global data seed.
         shuffle: shuffle documents and samples per epoch (evaluation may keep the natural order).
@@ -202,7 +254,7 @@ class DomainSequences:
         name: str,
         shards: Sequence[IndexedDataset],
         split: str,
-        doc_range: tuple[int, int],
+        doc_range: tuple[int, int] | Sequence[tuple[int, int]],
         seq_length: int,
         seed: int,
         shuffle: bool = True,
@@ -223,16 +275,15 @@ class DomainSequences:
         self._tokens = [np.ascontiguousarray(s.tokens) for s in shards]
 
         shard_ids, starts, lengths = [], [], []
-        for sid, shard in enumerate(shards):
+        for sid, (shard, (lo, hi)) in enumerate(zip(shards, _per_shard_ranges(shards, doc_range))):
             offsets = shard.document_token_offsets()
-            starts.append(offsets[:-1])
-            lengths.append(np.diff(offsets))
-            shard_ids.append(np.full(len(offsets) - 1, sid, dtype=np.int32))
-        lo, hi = doc_range
-        self._doc_shard = np.concatenate(shard_ids)[lo:hi]
-        self._doc_start = np.concatenate(starts).astype(np.int64)[lo:hi]
-        self._doc_len = np.concatenate(lengths).astype(np.int64)[lo:hi]
-        self.num_documents = int(hi - lo)
+            starts.append(offsets[lo:hi])
+            lengths.append(offsets[lo + 1 : hi + 1] - offsets[lo:hi])
+            shard_ids.append(np.full(hi - lo, sid, dtype=np.int32))
+        self._doc_shard = np.concatenate(shard_ids)
+        self._doc_start = np.concatenate(starts).astype(np.int64)
+        self._doc_len = np.concatenate(lengths).astype(np.int64)
+        self.num_documents = int(len(self._doc_len))
         self.num_tokens = int(self._doc_len.sum())
         self.samples_per_epoch = max((self.num_tokens - 1) // self.seq_length, 0)
         if self.samples_per_epoch <= 0:
