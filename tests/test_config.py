@@ -64,7 +64,7 @@ def test_valid_config_defaults_and_resolved_deepspeed(env):
     tmp_path, base = env
     cfg = load_run_config(_write(tmp_path, base))
     assert cfg.schedule["lr_decay_iters"] == 4 and cfg.schedule["lr_decay_style"] == "cosine"
-    assert cfg.mixer == {"type": "static"} and cfg.data["split"] == "98,1,1"
+    assert cfg.mixer == {"type": "static"} and cfg.data["split"] == "969,30,1"
     ds = resolve_deepspeed_config(cfg, world_size=2, on_gpu=False, hidden_size=16)
     assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 2

@@ -316,10 +316,15 @@ class IndexedDatasetWriter:
         self._open_sequences = 0
         self._docs.append(self._lengths.count)
 
-    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append ``len(lengths)`` single-sequence documents stored back to back in ``tokens``.
+    def add_documents(
+        self, tokens: np.ndarray, lengths: np.ndarray, sequences_per_document: np.ndarray | None = None
+    ) -> None:
+        """Append documents stored back to back in ``tokens``.
 
-        Equivalent to ``add_document`` per slice, but validates and writes the batch at once.
+        Without ``sequences_per_document``: ``len(lengths)`` single-sequence documents (``add_document`` per
+        slice, validated and written at once). With it: ``lengths`` are *sequence* lengths and document ``i``
+        is the next ``sequences_per_document[i]`` sequences (0 gives an empty document, as Megatron writes
+        for an empty text), like ``add_sequence`` ... ``end_document``.
         ``tokens``: 1-D integer array with ``lengths.sum()`` entries; ``lengths``: 1-D, >= 0.
         """
         self._check_open()
@@ -349,7 +354,19 @@ class IndexedDatasetWriter:
         self._num_tokens += total
         base = self._lengths.count
         self._lengths.extend(lengths)
-        self._docs.extend(base + np.arange(1, lengths.size + 1, dtype=np.int64))
+        if sequences_per_document is None:
+            self._docs.extend(base + np.arange(1, lengths.size + 1, dtype=np.int64))
+        else:
+            per_doc = np.asarray(sequences_per_document, dtype=np.int64)
+            if (
+                per_doc.ndim != 1
+                or (per_doc.size and per_doc.min() < 0)
+                or int(per_doc.sum()) != lengths.size
+            ):
+                raise IndexedDatasetError(
+                    f"{self.prefix}: sequences_per_document must be >= 0 and sum to the {lengths.size} sequences"
+                )
+            self._docs.extend(base + np.cumsum(per_doc))
         self._open_sequences = 0
 
     def add_index(self, prefix: str | os.PathLike[str]) -> None:
@@ -501,7 +518,9 @@ class IndexedDataset:
     """Read-only, zero-copy view of a shard (``prefix.bin`` / ``prefix.idx``), validated on open.
 
     Attributes: ``dtype``; ``sequence_lengths`` (int32[S]); ``sequence_pointers`` (int64[S], bytes);
-    ``document_indices`` (int64[D], sequences, 0..S); ``tokens`` (the whole ``.bin`` as 1-D ``dtype``).
+    ``document_indices`` (int64[D], sequences, 0..S); ``sequence_modes`` (int8[S] for a Megatron multimodal
+    index, which appends them after the document indices; else None); ``tokens`` (the whole ``.bin`` as 1-D
+    ``dtype``).
     ``ds[i]`` is sequence ``i`` as a 1-D view into ``tokens``.
     """
 
@@ -536,10 +555,12 @@ class IndexedDataset:
             )
         seq_count, doc_count = struct.unpack_from("<QQ", idx_map, 18)
         expected = _HEADER_SIZE + seq_count * (4 + 8) + doc_count * 8
-        if idx_size != expected:
+        multimodal = idx_size == expected + seq_count and seq_count > 0
+        if idx_size != expected and not multimodal:
             raise IndexedDatasetError(
                 f"{idx_path}: index file is {idx_size} bytes but its counts ({seq_count} sequences, "
-                f"{doc_count} document boundaries) need {expected} bytes (truncated or multimodal index?)"
+                f"{doc_count} document boundaries) need {expected} bytes ({expected + seq_count} for a multimodal "
+                "index with sequence modes): truncated or not a Megatron index"
             )
         if doc_count < 1:
             raise IndexedDatasetError(f"{idx_path}: document count is 0, expected at least 1 (the leading 0)")
@@ -555,6 +576,11 @@ class IndexedDataset:
         off += 8 * seq_count
         self.document_indices: np.ndarray = np.frombuffer(
             idx_map, dtype=np.int64, count=doc_count, offset=off
+        )
+        off += 8 * doc_count
+        #: Megatron multimodal index: int8 mode of each sequence (e.g. text/image), None for a text index
+        self.sequence_modes: np.ndarray | None = (
+            np.frombuffer(idx_map, dtype=np.int8, count=seq_count, offset=off) if multimodal else None
         )
 
         itemsize = self.dtype.itemsize

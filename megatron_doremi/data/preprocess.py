@@ -10,6 +10,7 @@ their final names only after every input was processed without a fatal error.
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import gzip
 import itertools
@@ -32,8 +33,14 @@ from megatron_doremi.data.indexed import (
     data_file_path,
     dtype_for_vocab,
     index_file_path,
+    merge_indexed_datasets,
 )
-from megatron_doremi.data.tokenizer import LoadedTokenizer, TokenizerError, load_tokenizer
+from megatron_doremi.data.tokenizer import (
+    TOKENIZER_TYPES,
+    LoadedTokenizer,
+    TokenizerError,
+    load_megatron_tokenizer,
+)
 
 __all__ = [
     "Batch",
@@ -53,6 +60,7 @@ __all__ = [
 ]
 
 MAX_REPORTED_SKIPS = 5
+ON_ERROR = ("fail", "skip", "keep-empty")
 
 
 class PreprocessError(ValueError):
@@ -204,22 +212,33 @@ def _json_type(value: object) -> str:
 
 
 class RecordParser:
-    """Turns a :class:`Batch` into per-key text lists, collecting ``(number, message)`` for bad records."""
+    """Turns a :class:`Batch` into per-key text lists, collecting ``(number, message)`` for bad records.
 
-    def __init__(self, keys: Sequence[str]) -> None:
+    A value is a string, or (jsonl) a list of strings: pre-split sentences, one sequence each, as Megatron
+    takes them. ``keep_empty`` lets an empty string (or list) through: it becomes an empty document.
+    """
+
+    def __init__(self, keys: Sequence[str], keep_empty: bool = False) -> None:
         self.keys = list(keys)
+        self.keep_empty = keep_empty
 
     def _check(self, value: object, key: str) -> str | None:
         """Error message for a bad value of ``key``, else None."""
+        if isinstance(value, list):
+            if not value and not self.keep_empty:
+                return f"empty document: key {key!r} is an empty list (use --on-error keep-empty to keep it)"
+            for i, item in enumerate(value):
+                if not isinstance(item, str):
+                    return f"key {key!r} item {i} is {_json_type(item)}, expected a string"
+                if not item.isascii() and _bad_unicode(item):
+                    return f"key {key!r} item {i} contains an unpaired surrogate escape (not valid Unicode)"
+            return None
         if not isinstance(value, str):
-            return f"key {key!r} is {_json_type(value)}, expected a string"
-        if not value:
-            return f"empty document: key {key!r} is an empty string"
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return f"key {key!r} contains an unpaired surrogate escape (not valid Unicode)"
+            return f"key {key!r} is {_json_type(value)}, expected a string or a list of strings"
+        if not value and not self.keep_empty:
+            return f"empty document: key {key!r} is an empty string (use --on-error keep-empty to keep it)"
+        if not value.isascii() and _bad_unicode(value):
+            return f"key {key!r} contains an unpaired surrogate escape (not valid Unicode)"
         return None
 
     def parse(self, batch: Batch) -> tuple[list[int], dict[str, list[str]], list[tuple[int, str]]]:
@@ -292,12 +311,21 @@ class RecordParser:
 _MISSING = object()
 
 
+def _bad_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 # ------------------------------------------------------------------------------------------ encoding
 
 
 @dataclass
 class EncodedBatch:
-    """Encoded documents of one batch: per key a flat int64 token array and int64 lengths (eod included)."""
+    """Encoded documents of one batch: per key a flat int64 token array and int64 sequence lengths (eod
+    included), and the sequences of each document (``None``: one sequence per document)."""
 
     path: str
     kind: str
@@ -306,38 +334,72 @@ class EncodedBatch:
     lengths: dict[str, np.ndarray]
     bad: list[tuple[int, str]]
     nbytes: int
+    sequences_per_document: dict[str, np.ndarray | None] = field(default_factory=dict)
 
     def location(self, number: int) -> str:
         return f"{self.path}:{number}" if self.kind == "jsonl" else f"{self.path}:row {number}"
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    """How documents become sequences: ``split_sentences`` (NLTK punkt for ``lang``, ``keep_newlines``) and
+    ``keep_empty`` (an empty text is an empty document, as Megatron writes it)."""
+
+    split_sentences: bool = False
+    lang: str = "english"
+    keep_newlines: bool = False
+    keep_empty: bool = False
 
 
 class Encoder:
     """Parses and batch-encodes :class:`Batch` es; picklable settings, tokenizer rebuilt per process."""
 
     def __init__(
-        self, tokenizer_json: str, keys: Sequence[str], eod_id: int | None, add_special_tokens: bool = True
+        self,
+        tokenizer_json: str,
+        keys: Sequence[str],
+        eod_id: int | None,
+        add_special_tokens: bool = True,
+        options: EncoderOptions | None = None,
     ) -> None:
-        from tokenizers import Tokenizer
+        from megatron_doremi.data.tokenizer import tokenizer_from_str
 
-        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.tokenizer = tokenizer_from_str(tokenizer_json)
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        self._setup(keys, eod_id, add_special_tokens, options)
+
+    def _setup(
+        self,
+        keys: Sequence[str],
+        eod_id: int | None,
+        add_special_tokens: bool,
+        options: EncoderOptions | None,
+    ) -> None:
         self.keys = list(keys)
         self.eod_id = eod_id
         self.add_special_tokens = add_special_tokens
-        self.parser = RecordParser(keys)
+        self.options = options or EncoderOptions()
+        self.parser = RecordParser(keys, keep_empty=self.options.keep_empty)
+        self.splitter = None
+        if self.options.split_sentences:
+            from megatron_doremi.data.sentences import sentence_splitter
+
+            self.splitter = sentence_splitter(self.options.lang, self.options.keep_newlines)
 
     @classmethod
     def from_loaded(
-        cls, loaded: LoadedTokenizer, keys: Sequence[str], eod_id: int | None, add_special_tokens: bool = True
+        cls,
+        loaded: LoadedTokenizer,
+        keys: Sequence[str],
+        eod_id: int | None,
+        add_special_tokens: bool = True,
+        options: EncoderOptions | None = None,
     ) -> Encoder:
         """Encoder sharing ``loaded.tokenizer`` (no JSON round trip)."""
         enc = cls.__new__(cls)
         enc.tokenizer = loaded.tokenizer
-        enc.keys = list(keys)
-        enc.eod_id = eod_id
-        enc.add_special_tokens = add_special_tokens
-        enc.parser = RecordParser(keys)
+        enc._setup(keys, eod_id, add_special_tokens, options)
         return enc
 
     def _flatten(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -354,17 +416,51 @@ class Encoder:
         out[ends] = self.eod_id
         return out, lengths + 1
 
+    def _encode_sequences(self, values: list[str | list[str]]) -> list[list[list[int]]]:
+        """Per document its non-empty sequences' ids (sentences, or list items), eod on the last one."""
+        sentences: list[str] = []
+        counts: list[int] = []
+        for value in values:
+            parts = [value] if isinstance(value, str) else list(value)
+            if self.splitter is not None:
+                parts = [s for part in parts for s in self.splitter(part)]
+            sentences.extend(parts)
+            counts.append(len(parts))
+        encs = self.tokenizer.encode_batch_fast(sentences, add_special_tokens=self.add_special_tokens)
+        docs: list[list[list[int]]] = []
+        pos = 0
+        for n in counts:
+            seqs = [e.ids for e in encs[pos : pos + n] if len(e.ids)]  # Megatron drops empty sentences
+            pos += n
+            if seqs and self.eod_id is not None:
+                seqs[-1] = [*seqs[-1], self.eod_id]
+            docs.append(seqs)
+        return docs
+
+    @staticmethod
+    def _flatten_sequences(docs: list[list[list[int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        seqs = [seq for doc in docs for seq in doc]
+        lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
+        return flat, lengths, np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+
     def encode(self, batch: Batch) -> EncodedBatch:
-        """Parse, validate and encode one batch; records with zero tokens for any key are bad."""
+        """Parse, validate and encode one batch; records with zero tokens for any key are bad (unless
+        ``keep_empty``: then that key's document is empty)."""
         good, texts, bad = self.parser.parse(batch)
-        ids: dict[str, list[list[int]]] = {}
+        simple = self.splitter is None and all(type(v) is str for k in self.keys for v in texts[k])
+        ids: dict[str, list] = {}
         for key in self.keys:
             if not texts[key]:
                 ids[key] = []
-                continue
-            encs = self.tokenizer.encode_batch_fast(texts[key], add_special_tokens=self.add_special_tokens)
-            ids[key] = [e.ids for e in encs]
-        if good:
+            elif simple:
+                encs = self.tokenizer.encode_batch_fast(
+                    texts[key], add_special_tokens=self.add_special_tokens
+                )
+                ids[key] = [e.ids for e in encs]
+            else:
+                ids[key] = self._encode_sequences(texts[key])
+        if good and not self.options.keep_empty:
             empty = np.zeros(len(good), dtype=bool)
             for key in self.keys:
                 empty |= np.fromiter(map(len, ids[key]), dtype=np.int64, count=len(good)) == 0
@@ -378,19 +474,33 @@ class Encoder:
                 bad.sort()
         tokens: dict[str, np.ndarray] = {}
         lengths: dict[str, np.ndarray] = {}
+        per_doc: dict[str, np.ndarray | None] = {}
         for key in self.keys:
-            tokens[key], lengths[key] = self._flatten(ids[key])
-        return EncodedBatch(batch.path, batch.kind, len(good), tokens, lengths, bad, batch.nbytes)
+            if simple and all(len(x) for x in ids[key]):
+                tokens[key], lengths[key] = self._flatten(ids[key])
+                per_doc[key] = None
+            else:
+                docs = ids[key] if not simple else [[x] if len(x) else [] for x in ids[key]]
+                if simple and self.eod_id is not None:
+                    docs = [[[*d[0], self.eod_id]] if d else [] for d in docs]
+                tokens[key], lengths[key], per_doc[key] = self._flatten_sequences(docs)
+        return EncodedBatch(batch.path, batch.kind, len(good), tokens, lengths, bad, batch.nbytes, per_doc)
 
 
 _WORKER_ENCODER: Encoder | None = None
 
 
-def _init_worker(tokenizer_json: str, keys: list[str], eod_id: int | None, add_special_tokens: bool) -> None:
+def _init_worker(
+    tokenizer_json: str,
+    keys: list[str],
+    eod_id: int | None,
+    add_special_tokens: bool,
+    options: EncoderOptions | None = None,
+) -> None:
     global _WORKER_ENCODER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # N worker processes already use the cores
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
-    _WORKER_ENCODER = Encoder(tokenizer_json, keys, eod_id, add_special_tokens)
+    _WORKER_ENCODER = Encoder(tokenizer_json, keys, eod_id, add_special_tokens, options)
 
 
 def _encode_in_worker(batch: Batch) -> EncodedBatch:
@@ -413,9 +523,18 @@ class PreprocessConfig:
     eod_token: str | None = None
     workers: int = 1
     batch_size: int = 1024
-    on_error: str = "fail"  # "fail" | "skip"
+    on_error: str = "fail"  # "fail" | "skip" | "keep-empty" (empty texts become empty documents)
     add_special_tokens: bool = True
     progress: bool = True
+    tokenizer_type: str = "HuggingFaceTokenizer"
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    split_sentences: bool = False
+    keep_newlines: bool = False
+    lang: str = "english"
+    partitions: int = 1
+    keep_sequential_samples: bool = False
+    log_interval: int | None = None  # print a progress line every N documents instead of the progress bar
 
 
 @dataclass
@@ -461,9 +580,9 @@ class PreprocessSummary:
         return "\n".join(lines)
 
 
-def output_prefix_for(output_prefix: str, key: str) -> str:
-    """Megatron's naming: ``{output_prefix}_{key}_document``."""
-    return f"{output_prefix}_{key}_document"
+def output_prefix_for(output_prefix: str, key: str, level: str = "document") -> str:
+    """Megatron's naming: ``{output_prefix}_{key}_document`` (``_sentence`` with ``--split-sentences``)."""
+    return f"{output_prefix}_{key}_{level}"
 
 
 def _iter_encoded(
@@ -487,86 +606,124 @@ def _iter_encoded(
             yield pending.popleft().get()
 
 
-def preprocess(config: PreprocessConfig) -> PreprocessSummary:
-    """Run the preprocessing described by ``config``; raises :class:`PreprocessError` on bad input.
-
-    Nothing appears under the final ``{prefix}_{key}_document.bin/.idx`` names unless the run
-    succeeds; on failure the temp files are removed and earlier outputs are left untouched.
-    """
-    if config.on_error not in ("fail", "skip"):
-        raise PreprocessError(f"--on-error must be 'fail' or 'skip', got {config.on_error!r}")
-    if config.workers < 1:
-        raise PreprocessError(f"--workers must be >= 1, got {config.workers}")
-    if config.batch_size < 1:
-        raise PreprocessError(f"--batch-size must be >= 1, got {config.batch_size}")
+def _check_config(config: PreprocessConfig) -> None:
+    if config.on_error not in ON_ERROR:
+        raise PreprocessError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {config.on_error!r}")
+    for flag, value in (
+        ("--workers", config.workers),
+        ("--batch-size", config.batch_size),
+        ("--partitions", config.partitions),
+    ):
+        if value < 1:
+            raise PreprocessError(f"{flag} must be >= 1, got {value}")
+    if config.log_interval is not None and config.log_interval < 1:
+        raise PreprocessError(f"--log-interval must be >= 1, got {config.log_interval}")
     keys = list(config.json_keys)
     if not keys or any(not k for k in keys) or len(set(keys)) != len(keys):
         raise PreprocessError(f"--json-keys must be distinct non-empty names, got {keys}")
-    files = resolve_inputs(config.inputs)
+
+
+def _load(config: PreprocessConfig) -> tuple[LoadedTokenizer, int | None]:
     try:
-        loaded = load_tokenizer(config.tokenizer)
+        loaded = load_megatron_tokenizer(
+            config.tokenizer_type, config.tokenizer, config.vocab_file, config.merge_file
+        )
         eod_id = loaded.eod_id(config.eod_token) if (config.append_eod or config.eod_token) else None
     except TokenizerError as exc:
         raise PreprocessError(str(exc)) from None
     if config.append_eod and eod_id is None:
         raise PreprocessError(
-            f"--append-eod: tokenizer {config.tokenizer} has no end-of-document token (looked for its eos and "
+            f"--append-eod: tokenizer {loaded.path} has no end-of-document token (looked for its eos and "
             f"{', '.join(('<|endoftext|>', '</s>', '<eos>'))}); pass --eod-token TOKEN"
         )
-    if not config.append_eod:
-        eod_id = None
+    return loaded, eod_id if config.append_eod else None
+
+
+def _partition_of(enc: EncodedBatch, key: str, first_doc: int, partitions: int) -> list[tuple]:
+    """``enc``'s documents of ``key`` dealt round-robin to partitions (document ``g`` -> ``g % partitions``),
+    as (tokens, sequence lengths, sequences per document) per partition."""
+    lengths = enc.lengths[key]
+    per_doc = enc.sequences_per_document.get(key)
+    if per_doc is None:
+        per_doc = np.ones(len(lengths), dtype=np.int64)
+    doc_part = (first_doc + np.arange(len(per_doc))) % partitions
+    seq_part = np.repeat(doc_part, per_doc)
+    tok_part = np.repeat(seq_part, lengths)
+    return [
+        (enc.tokens[key][tok_part == p], lengths[seq_part == p], per_doc[doc_part == p])
+        for p in range(partitions)
+    ]
+
+
+def preprocess(config: PreprocessConfig) -> PreprocessSummary:
+    """Run the preprocessing described by ``config``; raises :class:`PreprocessError` on bad input.
+
+    Nothing appears under the final ``{prefix}_{key}_document.bin/.idx`` names unless the run
+    succeeds; on failure (bad input, a full disk) the temp files are removed and earlier outputs are left
+    untouched. ``partitions > 1`` writes Megatron's merged ``--partitions`` shard: documents dealt round-robin
+    to the partitions (contiguous chunks with ``keep_sequential_samples``, which keeps the input order),
+    then the partitions concatenated in order.
+    """
+    _check_config(config)
+    keys = list(config.json_keys)
+    files = resolve_inputs(config.inputs)
+    loaded, eod_id = _load(config)
+    options = EncoderOptions(
+        split_sentences=config.split_sentences,
+        lang=config.lang,
+        keep_newlines=config.keep_newlines,
+        keep_empty=config.on_error == "keep-empty",
+    )
     dtype = dtype_for_vocab(loaded.vocab_size)
-    outputs = {key: output_prefix_for(config.output_prefix, key) for key in keys}
+    level = "sentence" if config.split_sentences else "document"
+    outputs = {key: output_prefix_for(config.output_prefix, key, level) for key in keys}
     summary = PreprocessSummary(files=files, outputs=outputs, tokens={k: 0 for k in keys})
-    if config.workers <= 1:
-        encoder_args: tuple = (Encoder.from_loaded(loaded, keys, eod_id, config.add_special_tokens), None)
-    else:
-        encoder_args = (None, (loaded.tokenizer.to_str(), keys, eod_id, config.add_special_tokens))
-
-    from tqdm import tqdm
-
-    start = time.perf_counter()
-    with ExitStack() as stack:
-        writers = {
-            key: stack.enter_context(IndexedDatasetWriter(prefix, dtype)) for key, prefix in outputs.items()
-        }
-        bar = stack.enter_context(
-            tqdm(
-                desc="tokenizing",
-                unit="doc",
-                unit_scale=True,
-                file=sys.stderr,
-                disable=not config.progress,
-                mininterval=0.5,
-                dynamic_ncols=True,
+    try:
+        if config.workers <= 1:
+            encoder_args: tuple = (
+                Encoder.from_loaded(loaded, keys, eod_id, config.add_special_tokens, options),
+                None,
             )
+        else:
+            Encoder.from_loaded(
+                loaded, keys, eod_id, config.add_special_tokens, options
+            )  # fail fast (e.g. nltk)
+            encoder_args = (
+                None,
+                (loaded.tokenizer.to_str(), keys, eod_id, config.add_special_tokens, options),
+            )
+    except ValueError as exc:
+        raise PreprocessError(str(exc)) from None
+    dealt = config.partitions if config.partitions > 1 and not config.keep_sequential_samples else 1
+    if config.partitions > 1 and config.keep_sequential_samples:
+        print(
+            "note: --partitions with --keep-sequential-samples gives the input order, written as one shard",
+            file=sys.stderr,
         )
-        batches = iter_batches(files, keys, config.batch_size)
-        # closing(): on an error the pool is terminated now, not when the generator is collected
-        encoded = stack.enter_context(closing(_iter_encoded(config, batches, encoder_args)))
-        for enc in encoded:
-            for number, message in enc.bad:
-                where = f"{enc.location(number)}: {message}"
-                if config.on_error == "fail":
-                    raise PreprocessError(where + " (use --on-error skip to skip bad lines)")
-                summary.skipped += 1
-                if len(summary.skipped_examples) < MAX_REPORTED_SKIPS:
-                    summary.skipped_examples.append(where)
-            for key in keys:
-                writers[key].add_documents(enc.tokens[key], enc.lengths[key])
-                summary.tokens[key] += int(enc.tokens[key].size)
-            summary.documents += enc.num_docs
-            summary.bytes_read += enc.nbytes
-            if enc.num_docs:
-                bar.update(enc.num_docs)
-                rate = summary.total_tokens / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(f"{rate:,.0f} tok/s, {summary.skipped} skipped", refresh=False)
-        if summary.documents == 0:
+    part_prefixes = {
+        key: [f"{config.output_prefix}_{p}_{key}_{level}" for p in range(dealt)] if dealt > 1 else [prefix]
+        for key, prefix in outputs.items()
+    }
+    start = time.perf_counter()
+    try:
+        _write_all(config, files, keys, encoder_args, dtype, part_prefixes, summary, start)
+        if dealt > 1:
+            for key, prefix in outputs.items():
+                merge_indexed_datasets(part_prefixes[key], prefix)
+    except OSError as exc:
+        where = os.path.dirname(os.path.abspath(config.output_prefix)) or "."
+        if exc.errno == errno.ENOSPC:
             raise PreprocessError(
-                f"no documents to write: {summary.skipped} bad lines were skipped"
-                if summary.skipped
-                else f"no documents found in {len(files)} input file(s)"
-            )
+                f"no space left on {where} while writing {config.output_prefix}_*: nothing was written under the "
+                "final names; free space (the shards need about 2 bytes per token) and run again"
+            ) from None
+        raise PreprocessError(f"cannot write under {where}: {exc.strerror or exc}") from None
+    finally:
+        if dealt > 1:
+            for prefix in (p for parts in part_prefixes.values() for p in parts):
+                for path in (data_file_path(prefix), index_file_path(prefix)):
+                    if os.path.exists(path):
+                        os.remove(path)
     summary.seconds = time.perf_counter() - start
     for prefix in outputs.values():
         summary.bytes_written += os.path.getsize(data_file_path(prefix)) + os.path.getsize(
@@ -575,8 +732,93 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     return summary
 
 
+def _write_all(
+    config: PreprocessConfig,
+    files: list[str],
+    keys: list[str],
+    encoder_args: tuple,
+    dtype: np.dtype,
+    part_prefixes: dict[str, list[str]],
+    summary: PreprocessSummary,
+    start: float,
+) -> None:
+    """Encode every input and write the (partition) shards; raises before any final name is written."""
+    from tqdm import tqdm
+
+    with ExitStack() as stack:
+        writers = {
+            key: [stack.enter_context(IndexedDatasetWriter(prefix, dtype)) for prefix in prefixes]
+            for key, prefixes in part_prefixes.items()
+        }
+        bar = stack.enter_context(
+            tqdm(
+                desc="tokenizing",
+                unit="doc",
+                unit_scale=True,
+                file=sys.stderr,
+                disable=not config.progress or config.log_interval is not None,
+                mininterval=0.5,
+                dynamic_ncols=True,
+            )
+        )
+        batches = iter_batches(files, keys, config.batch_size)
+        # closing(): on an error the pool is terminated now, not when the generator is collected
+        encoded = stack.enter_context(closing(_iter_encoded(config, batches, encoder_args)))
+        next_log = config.log_interval
+        for enc in encoded:
+            for number, message in enc.bad:
+                where = f"{enc.location(number)}: {message}"
+                if config.on_error != "skip":
+                    raise PreprocessError(where + " (use --on-error skip to skip bad lines)")
+                summary.skipped += 1
+                if len(summary.skipped_examples) < MAX_REPORTED_SKIPS:
+                    summary.skipped_examples.append(where)
+            for key in keys:
+                if len(writers[key]) == 1:
+                    writers[key][0].add_documents(
+                        enc.tokens[key], enc.lengths[key], enc.sequences_per_document.get(key)
+                    )
+                else:
+                    for writer, part in zip(
+                        writers[key], _partition_of(enc, key, summary.documents, len(writers[key]))
+                    ):
+                        writer.add_documents(*part)
+                summary.tokens[key] += int(enc.tokens[key].size)
+            summary.documents += enc.num_docs
+            summary.bytes_read += enc.nbytes
+            if enc.num_docs:
+                bar.update(enc.num_docs)
+                rate = summary.total_tokens / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"{rate:,.0f} tok/s, {summary.skipped} skipped", refresh=False)
+            while next_log is not None and summary.documents >= next_log:
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                print(
+                    f"Processed {summary.documents} documents ({summary.documents / elapsed:,.0f} docs/s, "
+                    f"{summary.bytes_read / elapsed / 2**20:,.2f} MB/s).",
+                    file=sys.stderr,
+                )
+                next_log += config.log_interval  # type: ignore[operator]
+        if summary.documents == 0:
+            raise PreprocessError(
+                f"no documents to write: {summary.skipped} bad lines were skipped"
+                if summary.skipped
+                else f"no documents found in {len(files)} input file(s)"
+            )
+
+
+# Megatron flags accepted with a one-line note because they do not change the output here (name -> nargs)
+_IGNORED_FLAGS = {
+    "--find-optimal-num-workers": 0,
+    "--workers-to-check": "+",
+    "--max-documents": 1,
+    "--make-vocab-size-divisible-by": 1,
+    "--tensor-model-parallel-size": 1,
+    "--rank": 1,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Megatron-LM's ``tools/preprocess_data.py`` flags (the ones that apply to HF tokenizers)."""
+    """Megatron-LM's ``tools/preprocess_data.py`` flags."""
     p = argparse.ArgumentParser(
         prog="preprocess_data.py",
         description="Tokenize jsonl(.gz)/parquet into Megatron .bin/.idx shards ({prefix}_{key}_document).",
@@ -586,20 +828,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", nargs="+", required=True, help="files or globs: .jsonl, .json, .jsonl.gz, .parquet"
     )
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize, one output per key")
+    g.add_argument(
+        "--split-sentences",
+        action="store_true",
+        help="one sequence per sentence (NLTK punkt, installed locally); outputs {prefix}_{key}_sentence",
+    )
+    g.add_argument("--keep-newlines", action="store_true", help="keep newlines between split sentences")
+    g.add_argument("--lang", default="english", help="NLTK punkt language for --split-sentences")
     g = p.add_argument_group("tokenizer")
     g.add_argument(
         "--tokenizer",
         "--tokenizer-model",
         dest="tokenizer",
-        required=True,
-        help="tokenizer.json or HF tokenizer dir",
+        default=None,
+        help="HuggingFaceTokenizer: tokenizer.json or HF tokenizer dir; SentencePieceTokenizer: the .model file",
     )
-    g.add_argument(
-        "--tokenizer-type",
-        choices=("HuggingFaceTokenizer",),
-        default="HuggingFaceTokenizer",
-        help="accepted for Megatron compatibility; only HF tokenizers are supported",
-    )
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="HuggingFaceTokenizer")
+    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
+    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
+    g.add_argument("--vocab-extra-ids", type=int, default=0, help="only 0 is supported")
     g.add_argument(
         "--append-eod", action="store_true", help="append the end-of-document token to each document"
     )
@@ -616,9 +863,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=1, help="encoding processes (1 = in-process)")
     g.add_argument("--batch-size", type=int, default=1024, help="documents per encode_batch call")
     g.add_argument(
-        "--on-error", choices=("fail", "skip"), default="fail", help="on a bad line: fail, or skip it"
+        "--partitions",
+        type=int,
+        default=1,
+        help="Megatron's partitions: documents dealt round-robin to N partitions, merged in partition order",
     )
+    g.add_argument(
+        "--keep-sequential-samples", action="store_true", help="with --partitions: keep the input order"
+    )
+    g.add_argument(
+        "--on-error",
+        choices=ON_ERROR,
+        default="fail",
+        help="on a bad line: fail, skip it, or keep-empty (an empty text is an empty document; else fail)",
+    )
+    g.add_argument("--log-interval", type=int, default=None, help="a progress line every N documents")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    g = p.add_argument_group("accepted for Megatron compatibility (no effect here)")
+    for flag, nargs in _IGNORED_FLAGS.items():
+        if nargs == 0:
+            g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+        else:
+            g.add_argument(flag, nargs=nargs, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -629,6 +895,15 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: prints the summary to stdout, ``error: ...`` to stderr; returns the exit status."""
     args = build_parser().parse_args(argv)
+    for flag in _IGNORED_FLAGS:
+        if getattr(args, flag.lstrip("-").replace("-", "_")) not in (None, False):
+            print(
+                f"warning: {flag} is accepted for Megatron compatibility and has no effect here",
+                file=sys.stderr,
+            )
+    if args.vocab_extra_ids:
+        print("error: --vocab-extra-ids is not supported (only 0)", file=sys.stderr)
+        return 1
     config = PreprocessConfig(
         inputs=args.input,
         output_prefix=args.output_prefix,
@@ -641,6 +916,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_error=args.on_error,
         add_special_tokens=args.add_special_tokens,
         progress=args.progress,
+        tokenizer_type=args.tokenizer_type,
+        vocab_file=args.vocab_file,
+        merge_file=args.merge_file,
+        split_sentences=args.split_sentences,
+        keep_newlines=args.keep_newlines,
+        lang=args.lang,
+        partitions=args.partitions,
+        keep_sequential_samples=args.keep_sequential_samples,
+        log_interval=args.log_interval,
     )
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM cleans temps like Ctrl-C
     try:

@@ -66,6 +66,121 @@ class LoadedTokenizer:
         return None
 
 
+TOKENIZER_TYPES = ("HuggingFaceTokenizer", "GPT2BPETokenizer", "SentencePieceTokenizer", "TikTokenizer")
+
+
+class _Encoding:
+    __slots__ = ("ids",)
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+
+class SentencePieceAdapter:
+    """A SentencePiece model behind the part of the ``tokenizers.Tokenizer`` API preprocessing uses.
+
+    Ids are ``SentencePieceProcessor.encode`` (no BOS/EOS); the end-of-document token is the model's eos, as
+    Megatron's GPTSentencePieceTokenizer has it.
+    """
+
+    def __init__(self, model_path: str) -> None:
+        try:
+            import sentencepiece
+        except ImportError:
+            raise TokenizerError(
+                "--tokenizer-type SentencePieceTokenizer needs the sentencepiece package (pip install sentencepiece)"
+            ) from None
+        self.model_path = model_path
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        except (OSError, RuntimeError) as exc:
+            raise TokenizerError(f"{model_path}: cannot load as a SentencePiece model ({exc})") from None
+
+    def encode_batch_fast(self, texts: list[str], add_special_tokens: bool = True) -> list[_Encoding]:
+        return [_Encoding(ids) for ids in self.sp.encode(list(texts))]
+
+    def get_vocab_size(self, with_added_tokens: bool = True) -> int:
+        return int(self.sp.get_piece_size())
+
+    def token_to_id(self, token: str) -> int | None:
+        tid = int(self.sp.piece_to_id(token))
+        return None if tid == self.sp.unk_id() and token != self.sp.id_to_piece(tid) else tid
+
+    def eos_piece(self) -> str | None:
+        eos = int(self.sp.eos_id())
+        return self.sp.id_to_piece(eos) if eos >= 0 else None
+
+    def to_str(self) -> str:
+        return json.dumps({"sentencepiece": self.model_path})
+
+    def no_truncation(self) -> None:
+        pass
+
+    def no_padding(self) -> None:
+        pass
+
+
+def tokenizer_from_str(text: str) -> Tokenizer | SentencePieceAdapter:
+    """Inverse of ``to_str()`` for both backends (what worker processes rebuild their tokenizer from)."""
+    if text.startswith('{"sentencepiece"'):
+        return SentencePieceAdapter(json.loads(text)["sentencepiece"])
+    return Tokenizer.from_str(text)
+
+
+def load_megatron_tokenizer(
+    tokenizer_type: str,
+    tokenizer_model: str | None = None,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
+) -> LoadedTokenizer:
+    """A tokenizer named as Megatron's ``--tokenizer-type`` names it (local files only).
+
+    HuggingFaceTokenizer: ``tokenizer_model`` (a tokenizer.json or HF directory); GPT2BPETokenizer: GPT-2's
+    ``vocab_file`` (vocab.json) and ``merge_file`` (merges.txt), byte-level BPE with ``<|endoftext|>`` as
+    EOD; SentencePieceTokenizer: ``tokenizer_model`` (a ``.model`` file). TikTokenizer is not supported.
+    """
+    if tokenizer_type == "HuggingFaceTokenizer":
+        if not tokenizer_model:
+            raise TokenizerError(
+                "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model (or --tokenizer)"
+            )
+        return load_tokenizer(tokenizer_model)
+    if tokenizer_type == "GPT2BPETokenizer":
+        missing = [flag for flag, v in (("--vocab-file", vocab_file), ("--merge-file", merge_file)) if not v]
+        if missing:
+            raise TokenizerError(f"--tokenizer-type GPT2BPETokenizer needs {' and '.join(missing)}")
+        for flag, file in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if not os.path.isfile(file):  # type: ignore[arg-type]
+                raise TokenizerError(f"{flag} {file}: file not found")
+        try:
+            bpe = models.BPE.from_file(vocab_file, merge_file)
+        except Exception as exc:  # tokenizers raises a bare Exception on bad files
+            raise TokenizerError(
+                f"{vocab_file} / {merge_file}: cannot load as GPT-2 BPE files ({exc})"
+            ) from None
+        tok = Tokenizer(bpe)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        if tok.token_to_id(ENDOFTEXT) is None:
+            raise TokenizerError(f"{vocab_file}: no {ENDOFTEXT} entry (GPT-2's end-of-document token)")
+        return LoadedTokenizer(tok, str(vocab_file), ENDOFTEXT)
+    if tokenizer_type == "SentencePieceTokenizer":
+        if not tokenizer_model:
+            raise TokenizerError(
+                "--tokenizer-type SentencePieceTokenizer needs --tokenizer-model (a .model file)"
+            )
+        if not os.path.isfile(tokenizer_model):
+            raise TokenizerError(f"--tokenizer-model {tokenizer_model}: file not found")
+        adapter = SentencePieceAdapter(tokenizer_model)
+        return LoadedTokenizer(adapter, tokenizer_model, adapter.eos_piece())  # type: ignore[arg-type]
+    if tokenizer_type == "TikTokenizer":
+        raise TokenizerError(
+            "--tokenizer-type TikTokenizer is not supported (Megatron's tiktoken vocabulary format and special-token "
+            "offsets are not implemented); convert the vocabulary to a HF tokenizer.json and use HuggingFaceTokenizer"
+        )
+    raise TokenizerError(f"--tokenizer-type {tokenizer_type!r}: expected one of {', '.join(TOKENIZER_TYPES)}")
+
+
 def load_tokenizer(path: str | os.PathLike[str]) -> LoadedTokenizer:
     """Load a local tokenizer: a ``tokenizer.json`` file, or a directory (via ``AutoTokenizer``, offline).
 

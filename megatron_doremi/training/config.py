@@ -5,8 +5,9 @@ Layout (every section optional except ``model``, ``data`` and ``schedule``; defa
     {
       "model": "examples/models/tiny.json"      # HF config dict file, a local HF model dir, or an inline dict
       "tokenizer": "path/to/tokenizer",           # optional: local HF tokenizer dir or tokenizer.json (export)
-      "data": {"mixture": "mixture.json" | {...} | "0.3 p1 0.7 p2", "split": "98,1,1", "seed": null,
-               "blend_mode": "periodic" | "exact" (Megatron's greedy, bit for bit), "blend_period": 1048576},
+      "data": {"mixture": "mixture.json" | {...} | "0.3 p1 0.7 p2", "split": "969,30,1", "seed": null,
+               "blend_mode": "periodic" | "exact" (Megatron's greedy, bit for bit), "blend_period": 1048576,
+               "packing": "project" | "megatron", ...Megatron options: see megatron_doremi/data/run_data.py},
       "mixer": {"type": "static", "weights": null},   # weights: null = the mixture's, a list, or {name: w}
                | {"type": "doremi", "reference": {"checkpoint": "runs/ref/checkpoints", "model": null,
                   "mode": "auto", "allow_architecture_mismatch": false} | "runs/ref/checkpoints" | null,
@@ -64,10 +65,20 @@ LR_DECAY_STYLES = ("cosine", "linear", "constant")
 _SCHEMA: dict[str, dict[str, Any]] = {
     "data": {
         "mixture": None,
-        "split": "98,1,1",
+        "split": "969,30,1",
         "seed": None,
         "blend_mode": "periodic",
         "blend_period": 2**20,
+        # Megatron-LM options (megatron_doremi/data/run_data.py, docs/data.md)
+        "packing": "project",
+        "train_path": None,
+        "valid_path": None,
+        "test_path": None,
+        "data_cache_path": None,
+        "eod_mask_loss": False,
+        "reset_position_ids": False,
+        "reset_attention_mask": False,
+        "eod_token_id": None,
     },
     "schedule": {
         "seq_length": None,
@@ -87,7 +98,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
 
 
 def default_value(section: str, key: str) -> Any:
-    """The run config's default for ``section.key`` (e.g. ``default_value("data", "split")`` -> ``"98,1,1"``)."""
+    """The run config's default for ``section.key`` (e.g. ``default_value("data", "split")`` -> ``"969,30,1"``)."""
     return copy.deepcopy(_SCHEMA[section][key])
 
 
@@ -326,6 +337,18 @@ def _validate_mixture(source: str, mixture: Any) -> Any:
     return mix
 
 
+def _check_data_options(
+    source: str, data: dict[str, Any], tokenizer: Any, check_files: bool
+) -> dict[str, Any]:
+    from megatron_doremi.data.run_data import check_data_options
+    from megatron_doremi.data.sequences import DataError
+
+    try:
+        return check_data_options(data, tokenizer if isinstance(tokenizer, str) else None, check_files)
+    except DataError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
 def _validate_doremi(source: str, mixer: dict[str, Any]) -> dict[str, Any]:
     """Structural checks of a ``doremi`` mixer section (keys, η, ε, schedule); the reference spec normalised."""
     from megatron_doremi.mixers.base import MixerError
@@ -401,7 +424,8 @@ def validate_run_config(raw: dict[str, Any], source: str = "config", check_files
             raise _unknown(source, key, allowed)
     model = _validate_model(source, raw.get("model"))
 
-    data = _section(source, raw, "data", required=("mixture",))
+    data = _section(source, raw, "data")
+    data = _check_data_options(source, data, raw.get("tokenizer"), check_files)
     mix = _validate_mixture(source, data["mixture"]) if check_files else None
     if not isinstance(data["split"], str):
         raise ConfigError(f'{source}: data.split must be a string like "98,1,1", got {data["split"]!r}')

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_doremi.data.loader import model_inputs
 from megatron_doremi.ops.domain_loss import domain_cross_entropy, domain_token_counts
 from megatron_doremi.training import dist
 from megatron_doremi.training.checkpoint import (
@@ -127,8 +128,9 @@ class Trainer:
 
     def _build_data(self, for_training: bool) -> None:
         from megatron_doremi.data.blending import BlendSchedule
-        from megatron_doremi.data.loader import MixtureDataLoader, build_domain_datasets
+        from megatron_doremi.data.loader import MixtureDataLoader
         from megatron_doremi.data.mixture import Mixture
+        from megatron_doremi.data.run_data import build_run_datasets, sample_targets
         from megatron_doremi.training.mixer_factory import build_mixer
 
         cfg = self.cfg
@@ -136,7 +138,12 @@ class Trainer:
         self.names = list(self.mixture.names)
         self.num_domains = len(self.names)
         t0 = time.time()
-        self.datasets = build_domain_datasets(self.mixture, cfg.seq_length, cfg.data["split"], cfg.data_seed)
+        targets = sample_targets(
+            cfg.train_iters, cfg.global_batch_size, cfg.eval["eval_interval"], cfg.eval["eval_iters"]
+        )
+        self.mixture, self.datasets = build_run_datasets(
+            self.mixture, cfg.data, cfg.seq_length, cfg.data_seed, targets
+        )
         logger.info(
             "data: %d domains (%s), splits %s, built in %.2fs",
             self.num_domains,
@@ -242,7 +249,7 @@ class Trainer:
         if self.reference is None:
             return None
         return self.reference.token_loss(
-            batch["input_ids"], batch["labels"], batch["domain_id"], self.num_domains
+            batch["input_ids"], batch["labels"], batch["domain_id"], self.num_domains, **model_inputs(batch)
         )
 
     # ---- checkpoint ----------------------------------------------------------------------------------------
@@ -340,11 +347,12 @@ class Trainer:
             labels = b["labels"].to(dev, non_blocking=True)
             domain_id = b["domain_id"].to(dev, non_blocking=True)
             t1 = time.time()
+            extra = model_inputs({**b, "input_ids": input_ids})  # position_ids / attention_mask, if any
             ref = self.reference_token_loss(
-                {"input_ids": input_ids, "labels": labels, "domain_id": domain_id}
+                {"input_ids": input_ids, "labels": labels, "domain_id": domain_id, **extra}
             )
             t_ref += time.time() - t1
-            logits = engine(input_ids=input_ids, use_cache=False).logits
+            logits = engine(input_ids=input_ids, use_cache=False, **extra).logits
             out = domain_cross_entropy(
                 logits,
                 labels,
@@ -504,14 +512,14 @@ class Trainer:
         engine.eval()
         t0 = time.time()
 
-        def forward(input_ids: torch.Tensor) -> torch.Tensor:
-            return engine(input_ids=input_ids, use_cache=False).logits
+        def forward(input_ids: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+            return engine(input_ids=input_ids, use_cache=False, **extra).logits
 
         try:
             result = evaluate_domains(
                 forward,
                 self.datasets[split],
-                self.names,
+                [ds.name for ds in self.datasets[split]],  # a valid_path/test_path has its own domains
                 self.eval_num_samples(),
                 self.cfg.eval_micro_batch_size,
                 self.rank,

@@ -58,7 +58,7 @@ def _ppl(loss: float) -> float:
 
 
 def evaluate_domains(
-    forward_logits: Callable[[torch.Tensor], torch.Tensor],
+    forward_logits: Callable[..., torch.Tensor],
     datasets: Sequence[Any],
     names: Sequence[str],
     num_samples: int,
@@ -68,12 +68,12 @@ def evaluate_domains(
     device: torch.device,
     on_batch: Callable[[int, dict[str, torch.Tensor], torch.Tensor], None] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``forward_logits(input_ids) -> logits [B, T, V]`` on each domain's dataset (a DomainSequences).
+    """Evaluate ``forward_logits(input_ids, **model_inputs(batch)) -> logits [B, T, V]`` on each domain's dataset.
 
     ``on_batch(domain_index, batch, logits)`` is called for every real micro-batch of this rank (e.g. to dump
     logits). Collective when ``world_size > 1``. Returns :func:`summarize_eval` plus ``"samples"`` per domain.
     """
-    from megatron_doremi.data.loader import iter_eval_batches
+    from megatron_doremi.data.loader import iter_eval_batches, model_inputs
 
     num_domains = len(datasets)
     sums = torch.zeros(2, num_domains, dtype=torch.float64, device=device)
@@ -100,7 +100,7 @@ def evaluate_domains(
                         )
                     batch = pad
                 input_ids = batch["input_ids"].to(device, non_blocking=True)
-                logits = forward_logits(input_ids)
+                logits = forward_logits(input_ids, **model_inputs({**batch, "input_ids": input_ids}))
                 if not real:
                     continue
                 out = domain_cross_entropy(

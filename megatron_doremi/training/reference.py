@@ -523,12 +523,19 @@ class ReferenceModel:
         return cls(module, info, mode, num_params)
 
     def token_loss(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, domain_id: torch.Tensor, num_domains: int
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        domain_id: torch.Tensor,
+        num_domains: int,
+        **model_inputs: torch.Tensor,
     ) -> torch.Tensor:
-        """Per-token cross-entropy of the reference, [B, T] fp32 on the inputs' device (0 at ignored labels)."""
+        """Per-token cross-entropy of the reference, [B, T] fp32 on the inputs' device (0 at ignored labels).
+
+        ``model_inputs``: the batch's extra model arguments (``data.loader.model_inputs``)."""
         from megatron_doremi.ops.domain_loss import domain_cross_entropy
 
         with torch.no_grad():
-            logits = self.module(input_ids=input_ids, use_cache=False).logits
+            logits = self.module(input_ids=input_ids, use_cache=False, **model_inputs).logits
             out = domain_cross_entropy(logits, labels, domain_id, num_domains)
         return out.token_loss
