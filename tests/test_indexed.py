@@ -309,3 +309,26 @@ def test_merge_rejects_mixed_dtypes_without_output(tmp_path):
 def test_unsupported_writer_dtype(tmp_path):
     with pytest.raises(IndexedDatasetError, match="unsupported shard dtype"):
         IndexedDatasetWriter(str(tmp_path / "x"), np.uint32)
+
+
+def test_reads_a_megatron_multimodal_index(tmp_path):
+    """Megatron's multimodal .idx appends int8 sequence modes after the document indices."""
+    from megatron_doremi.data.indexed import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter
+
+    prefix = str(tmp_path / "mm")
+    with IndexedDatasetWriter(prefix, np.dtype(np.int32)) as w:
+        w.add_sequence(np.arange(5))
+        w.add_sequence(np.arange(3))
+        w.end_document()
+        w.add_document(np.arange(4))
+    plain = IndexedDataset(prefix)
+    assert plain.sequence_modes is None
+    with open(prefix + ".idx", "ab") as f:
+        f.write(np.array([0, 1, 0], dtype=np.int8).tobytes())
+    mm = IndexedDataset(prefix)
+    assert mm.sequence_modes.tolist() == [0, 1, 0]
+    assert mm.document_indices.tolist() == [0, 2, 3] and mm[1].tolist() == [0, 1, 2]
+    with open(prefix + ".idx", "ab") as f:
+        f.write(b"\x00")
+    with pytest.raises(IndexedDatasetError, match="multimodal"):
+        IndexedDataset(prefix)

@@ -390,3 +390,166 @@ def test_input_that_cannot_be_read_as_a_file(tok_json, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "adir.jsonl is a directory" in err
     assert not list(tmp_path.glob("p_*"))
+
+
+# ---- Megatron preprocess_data.py flags ------------------------------------------------------------------------------
+
+
+def _docs(prefix: Path) -> list[list[list[int]]]:
+    """Per document its sequences' token ids."""
+    ds = IndexedDataset(str(prefix))
+    d = ds.document_indices
+    return [[ds[i].tolist() for i in range(int(d[k]), int(d[k + 1]))] for k in range(len(d) - 1)]
+
+
+def test_no_space_left_is_a_clear_error_and_leaves_nothing(tok_json, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from megatron_doremi.data.indexed import IndexedDatasetWriter
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in make_texts(50)])
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(IndexedDatasetWriter, "add_documents", full)
+    out = tmp_path / "out" / "x"
+    out.parent.mkdir()
+    assert run_main(["--input", str(src), "--tokenizer", tok_json, "--output-prefix", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"no space left on {out.parent}" in err
+    assert os.listdir(out.parent) == []  # no final shard, no temp file
+
+
+def test_list_valued_text_keep_empty_and_split_sentences(tok_json, tmp_path, capsys, monkeypatch):
+    from megatron_doremi.data import sentences
+
+    records = [{"text": ["one two", "three"]}, {"text": ""}, {"text": "alpha. beta gamma. delta"}]
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    args = ["--input", str(src), "--tokenizer", tok_json, "--append-eod", "--no-progress"]
+    assert run_main([*args, "--output-prefix", str(tmp_path / "a")]) == 1  # the empty text fails by default
+    assert "--on-error keep-empty" in capsys.readouterr().err
+    assert run_main([*args, "--output-prefix", str(tmp_path / "a"), "--on-error", "keep-empty"]) == 0
+    eod = load_tokenizer(tok_json).eod_id()
+    docs = _docs(tmp_path / "a_text_document")
+    one, three, whole = encode(tok_json, ["one two", "three", records[2]["text"]])
+    assert docs == [[one, three + [eod]], [], [whole + [eod]]]  # pre-split sentences; an empty document
+    # --split-sentences: NLTK's punkt (not installed here) replaced by a stand-in splitter
+    monkeypatch.setattr(
+        sentences, "sentence_splitter", lambda lang, keep: lambda t: [s for s in t.split(". ")]
+    )
+    assert (
+        run_main(
+            [*args, "--output-prefix", str(tmp_path / "s"), "--on-error", "keep-empty", "--split-sentences"]
+        )
+        == 0
+    )
+    docs = _docs(tmp_path / "s_text_sentence")  # Megatron's name for sentence-level shards
+    parts = encode(tok_json, ["alpha", "beta gamma", "delta"])
+    assert docs[2] == [parts[0], parts[1], parts[2] + [eod]]
+
+
+def test_split_sentences_without_nltk_names_it(tok_json, tmp_path, capsys):
+    try:
+        import nltk  # noqa: F401
+
+        pytest.skip("nltk is installed here")
+    except ImportError:
+        pass
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "a b. c"}])
+    args = [
+        "--input",
+        str(src),
+        "--tokenizer",
+        tok_json,
+        "--output-prefix",
+        str(tmp_path / "x"),
+        "--split-sentences",
+    ]
+    assert run_main(args) == 1
+    assert "needs the nltk package (pip install nltk)" in capsys.readouterr().err
+    assert not list(tmp_path.glob("x_*"))
+
+
+def test_partitions_deal_documents_round_robin(tok_json, tmp_path, capsys):
+    texts = make_texts(23, seed=3)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    base = ["--input", str(src), "--tokenizer", tok_json, "--no-progress", "--batch-size", "5"]
+    assert (
+        run_main([*base, "--output-prefix", str(tmp_path / "p"), "--partitions", "3", "--log-interval", "10"])
+        == 0
+    )
+    assert capsys.readouterr().err.count("Processed ") == 2
+    ids = encode(tok_json, texts)
+    expected = [ids[i] for p in range(3) for i in range(p, len(ids), 3)]
+    assert [d[0] for d in _docs(tmp_path / "p_text_document")] == expected
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "p_text_document.bin", "p_text_document.idx"]
+    assert (
+        run_main(
+            [*base, "--output-prefix", str(tmp_path / "q"), "--partitions", "3", "--keep-sequential-samples"]
+        )
+        == 0
+    )
+    assert [d[0] for d in _docs(tmp_path / "q_text_document")] == ids
+
+
+def test_gpt2_bpe_and_sentencepiece_tokenizer_types(tok_json, tmp_path, capsys):
+    texts = make_texts(30, seed=5)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    # GPT-2 files (vocab.json + merges.txt) saved from a byte-level BPE: the same ids as that BPE
+    bpe_dir = tmp_path / "gpt2"
+    bpe_dir.mkdir()
+    vocab, merges = Tokenizer.from_file(tok_json).model.save(str(bpe_dir))
+    args = [
+        "--input",
+        str(src),
+        "--tokenizer-type",
+        "GPT2BPETokenizer",
+        "--vocab-file",
+        vocab,
+        "--merge-file",
+        merges,
+    ]
+    assert run_main([*args, "--output-prefix", str(tmp_path / "g"), "--append-eod"]) == 0
+    eod = Tokenizer.from_file(tok_json).token_to_id("<|endoftext|>")
+    assert [d[0] for d in _docs(tmp_path / "g_text_document")] == [x + [eod] for x in encode(tok_json, texts)]
+    assert (
+        run_main(["--input", str(src), "--tokenizer-type", "GPT2BPETokenizer", "--output-prefix", "y"]) == 1
+    )
+    assert "needs --vocab-file and --merge-file" in capsys.readouterr().err
+    assert run_main(["--input", str(src), "--tokenizer-type", "TikTokenizer", "--tokenizer-model", tok_json,
+                     "--output-prefix", str(tmp_path / "t")]) == 1  # fmt: skip
+    assert "TikTokenizer is not supported" in capsys.readouterr().err
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(make_texts(200, seed=1)), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=60,
+                                   character_coverage=1.0, minloglevel=2)  # fmt: skip
+    model = str(tmp_path / "sp.model")
+    sp_args = ["--input", str(src), "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model]
+    assert (
+        run_main([*sp_args, "--output-prefix", str(tmp_path / "sp"), "--append-eod", "--workers", "2"]) == 0
+    )
+    proc = spm.SentencePieceProcessor(model_file=model)
+    assert [d[0] for d in _docs(tmp_path / "sp_text_document")] == [
+        x + [proc.eos_id()] for x in proc.encode(texts)
+    ]
+
+
+def test_megatron_only_flags_warn_or_fail_by_name(tok_json, tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "a b c"}])
+    base = [
+        "--input",
+        str(src),
+        "--tokenizer",
+        tok_json,
+        "--output-prefix",
+        str(tmp_path / "w"),
+        "--no-progress",
+    ]
+    assert run_main([*base, "--find-optimal-num-workers", "--make-vocab-size-divisible-by", "128"]) == 0
+    err = capsys.readouterr().err
+    assert "--find-optimal-num-workers is accepted for Megatron compatibility" in err
+    assert "--make-vocab-size-divisible-by is accepted" in err
+    assert run_main([*base, "--vocab-extra-ids", "2"]) == 1
+    assert "--vocab-extra-ids is not supported" in capsys.readouterr().err
