@@ -186,3 +186,33 @@ def test_config_resolves_the_eod_id_or_names_the_keys(tmp_path):
         None, [f"data.train_path=1 {prefix}", f"data.valid_path={prefix}", "data.mixture=null"], base=base
     )
     assert per_split.data["mixture"] == f"1 {prefix}"
+
+
+def test_training_with_megatron_packing_exact_blend_and_document_flags(tmp_path_factory, tmp_path):
+    """One ZeRO-2 process: the flags reach the train step and the evaluation forward (the tokenizer's EOD)."""
+    import json
+    import sys
+
+    from tests.test_train import REPO, _config, _metrics, _run
+    from tests.test_train import data as data_fixture
+
+    data = data_fixture.__wrapped__(tmp_path_factory)
+    run_dir = tmp_path / "flags"
+    flags = {"eod_mask_loss": True, "reset_position_ids": True, "reset_attention_mask": True}
+    cfg = _config(
+        data,
+        run_dir,
+        data__packing="megatron",
+        data__blend_mode="exact",
+        **{f"data__{k}": v for k, v in flags.items()},
+        deepspeed_config=str(REPO / "examples" / "ds_configs" / "zero2.json"),
+        schedule__train_iters=3,
+        eval={"eval_interval": 0, "eval_iters": 1},
+        checkpoint={},
+        debug={},
+    )
+    _run([sys.executable, "-m", "megatron_doremi.train", "--config", str(cfg)])
+    rows = _metrics(run_dir)
+    assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
+    summary = json.loads((run_dir / "eval_summary.json").read_text())
+    assert np.isfinite(summary["token_weighted"]["loss"])
