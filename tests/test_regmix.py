@@ -225,7 +225,9 @@ def test_train_dry_run_gpu_assignment_and_launchers(study, monkeypatch):
     masked = train_runs(study / "runs", parallel=2, gpus_per_run=1, dry_run=True)
     assert [env["CUDA_VISIBLE_DEVICES"] for _, _, env in masked.planned] == ["6", "7", "6", "7"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    rep = train_runs(study / "runs", parallel=2, gpus_per_run=2, dry_run=True, launcher="torchrun")
+    rep = train_runs(
+        study / "runs", parallel=2, gpus_per_run=2, dry_run=True, launcher="torchrun", base_port=29500
+    )
     envs = [env for _, _, env in rep.planned]
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0,1", "2,3", "0,1", "2,3"]
     assert [e["MASTER_PORT"] for e in envs] == ["29500", "29501", "29500", "29501"]
@@ -233,6 +235,9 @@ def test_train_dry_run_gpu_assignment_and_launchers(study, monkeypatch):
         "--nproc_per_node" in rep.planned[0][1]
         and rep.planned[0][1][rep.planned[0][1].index("--nproc_per_node") + 1] == "2"
     )
+    free = train_runs(study / "runs", parallel=2, dry_run=True, launcher="torchrun")
+    ports = [int(env["MASTER_PORT"]) for _, _, env in free.planned]
+    assert all(1024 <= p < 65536 for p in ports) and len(set(ports)) > 1  # a free port per launch by default
     shared = train_runs(study / "runs", parallel=4, gpus_per_run=1, gpu_ids=[5], dry_run=True)
     assert {env["CUDA_VISIBLE_DEVICES"] for _, _, env in shared.planned} == {"5"}  # several runs per GPU
     argv, env = build_command("python", "c.json", "r", None, 29600)

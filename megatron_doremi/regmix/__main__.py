@@ -91,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--only", type=_indices, default=None, help="run indices, e.g. $SLURM_ARRAY_TASK_ID or '0-3,7'"
     )
-    t.add_argument("--base-port", type=int, default=29500, help="MASTER_PORT of slot s is base-port + s")
+    t.add_argument(
+        "--base-port",
+        type=int,
+        default=None,
+        help="MASTER_PORT of slot s is base-port + s (default: a free port for every launch)",
+    )
     t.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
 
     f = sub.add_parser("fit", help="fit LightGBM and linear regressors on finished runs")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -249,6 +250,13 @@ def build_command(
     return argv, env
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a launch's MASTER_PORT when no ``--base-port`` is given)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def visible_gpus(ids: Sequence[int], parent: str | None) -> list[str]:
     """Map GPU indices to CUDA_VISIBLE_DEVICES entries: through the parent's mask when one is set (a SLURM
     allocation "4,5" makes index 0 -> "4"), else the index itself."""
@@ -293,7 +301,7 @@ def train_runs(
     gpu_ids: Sequence[int] | None = None,
     only: Sequence[int] | None = None,
     dry_run: bool = False,
-    base_port: int = 29500,
+    base_port: int | None = None,
     poll_s: float = 0.2,
     echo: Callable[[str], None] = print,
 ) -> TrainReport:
@@ -343,9 +351,13 @@ def train_runs(
             [ids[(slot * gpus_per_run + j) % len(ids)] for j in range(gpus_per_run)], parent_mask
         )
 
+    def slot_port(slot: int) -> int:
+        # A fixed default (29500, DeepSpeed's) collides with any other job on the node: pick a free port per launch.
+        return base_port + slot if base_port is not None else free_port()
+
     def plan(d: Path, slot: int) -> tuple[list[str], dict[str, str]]:
         return build_command(
-            launcher, str(d / "config.json"), str(d), slot_gpus(slot), base_port + slot, command
+            launcher, str(d / "config.json"), str(d), slot_gpus(slot), slot_port(slot), command
         )
 
     if dry_run:
