@@ -602,7 +602,7 @@ def _with_line(exc: ConfigError, path: str, overrides: Sequence[str]) -> ConfigE
     """``exc`` with ``path:LINE`` when its message names a key of the file (the first one named; not one that an
     override set)."""
     msg = str(exc)
-    if not msg.startswith(path) or msg[len(path) : len(path) + 1] == ":":
+    if not msg.startswith(path) or re.match(r":\d+:", msg[len(path) :]):  # not about the file, or has a line
         return exc
     overridden = {".".join(parse_override(o)[0]) for o in overrides}
     best: tuple[int, int, int] | None = None  # (position, -len(key), line)

@@ -145,7 +145,7 @@ class Trainer:
         self.datasets = build_domain_datasets(self.mixture, cfg.seq_length, cfg.data["split"], cfg.data_seed)
         self.mixer = build_mixer(cfg.mixer, self.mixture)
         logger.info(
-            "data: %d domains, sampled with weights %s (%s mixer), splits %s, built in %.2fs",
+            "data: %d domains, sampling weights %s (%s mixer), splits %s, built in %.2fs",
             self.num_domains,
             ", ".join(f"{n}={w:.3f}" for n, w in zip(self.names, self.mixer.sampling_weights())),
             self.mixer.name,
@@ -191,7 +191,7 @@ class Trainer:
         self.hf_config = model.config.to_dict()
         self.num_params = count_parameters(model)
         self.health = HealthMeter.for_model(
-            self.device, self.num_params, self.hf_config, cfg, self.world_size, cfg.health["peak_tflops"]
+            self.device, self.num_params, self.hf_config, cfg, self.world_size, cfg.health.get("peak_tflops")
         )
         engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -271,7 +271,7 @@ class Trainer:
         save_dir = self.cfg.checkpoint["save"]
         t0 = time.time()
         with self.exit_guard.doing(f"saving checkpoint global_step{self.step}"):
-            if self.cfg.debug["save_sleep_s"]:  # test aid: a save visibly in progress (tag dir, old `latest`)
+            if self.cfg.debug.get("save_sleep_s"):  # test aid: a save in progress (tag dir, old `latest`)
                 os.makedirs(os.path.join(save_dir, f"global_step{self.step}"), exist_ok=True)
                 time.sleep(self.cfg.debug["save_sleep_s"])
             save_checkpoint(
@@ -309,8 +309,11 @@ class Trainer:
                 self.loader.load_state_dict(client["loader"])
             if client.get("mixer") is not None:
                 self.mixer.load_state_dict(client["mixer"])
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = self.lr_fn(self.step)
+            # the restored scheduler's own value (base * lambda, which can differ from lr_fn by one ulp)
+            sched = getattr(self.engine, "lr_scheduler", None)
+            last = sched.get_last_lr() if sched is not None else None
+            for i, group in enumerate(self.engine.optimizer.param_groups):
+                group["lr"] = last[i] if last else self.lr_fn(self.step)
         logger.info("checkpoint: resumed from %s/%s at step %d", load_dir, client["tag"], self.step)
         return True
 
