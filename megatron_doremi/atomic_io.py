@@ -12,7 +12,14 @@ import tempfile
 from collections.abc import Callable
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "current_umask", "make_temp_dir"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+    "current_umask",
+    "make_temp_dir",
+    "umask_tree",
+]
 
 
 def current_umask() -> int:
@@ -34,6 +41,20 @@ def make_temp_dir(parent: str, prefix: str) -> str:
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     os.chmod(tmp, 0o777 & ~current_umask())
     return tmp
+
+
+def umask_tree(root: str | os.PathLike[str]) -> None:
+    """Give ``root`` and everything below it the modes ``open`` / ``os.makedirs`` would (0666 / 0777 & ~umask; a
+    file with an execute bit keeps being executable), for trees written by libraries that use 0600 (safetensors)."""
+    mask = current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o777 & ~mask)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            executable = os.stat(path).st_mode & 0o111
+            os.chmod(path, (0o777 if executable else 0o666) & ~mask)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], Any], mode: str = "w") -> None:

@@ -223,7 +223,7 @@ def test_requeued_run_equals_the_uninterrupted_one(runs):
     assert [r["consumed_samples"] for r in b] == [r["consumed_samples"] for r in a]
     alphas = _alphas(run)
     assert alphas == _alphas(ref) and len(alphas) == STEPS + 1  # DoReMi α_0..α_10, one line per update
-    assert not np.allclose(list(alphas[-1]["domain_weights"].values()), 0.25)  # α did move
+    assert not np.allclose(alphas[-1]["domain_weights"], 0.25)  # α did move
     strip = ("eval_time_s",)
     evals = [{k: v for k, v in e.items() if k not in strip} for e in _rows(run, "eval.jsonl")]
     assert evals == [{k: v for k, v in e.items() if k not in strip} for e in _rows(ref, "eval.jsonl")]

@@ -22,6 +22,7 @@ from megatron_doremi.atomic_io import (
     atomic_write_text,
     current_umask,
     make_temp_dir,
+    umask_tree,
 )
 from megatron_doremi.mixers.weights_io import write_domain_weights_json
 from megatron_doremi.training.metrics import JsonlLog
@@ -85,3 +86,18 @@ def test_an_existing_file_gets_the_umask_mode_too(tmp_path):
     with umask(0o022):
         atomic_write_json(path, {"y": 2})
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("mask", UMASKS)
+def test_umask_tree_fixes_a_library_written_tree(tmp_path, mask):
+    # what the HF export does after save_pretrained: safetensors writes its file 0600
+    (tmp_path / "sub").mkdir(mode=0o700)
+    (tmp_path / "sub" / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "sub" / "model.safetensors").chmod(0o600)
+    (tmp_path / "run.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "run.sh").chmod(0o700)
+    with umask(mask):
+        umask_tree(tmp_path)
+    assert stat.S_IMODE((tmp_path / "sub" / "model.safetensors").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "run.sh").stat().st_mode) == 0o777 & ~mask
+    assert assert_modes(tmp_path, mask) == 3

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from megatron_doremi.atomic_io import make_temp_dir
+from megatron_doremi.atomic_io import make_temp_dir, umask_tree
 from megatron_doremi.json_files import read_json_file
 from megatron_doremi.training.checkpoint import CheckpointError, resolve_checkpoint
 
@@ -122,6 +122,7 @@ def export_hf(
             save_tokenizer(tokenizer, tmp)
         with open(os.path.join(tmp, "megatron_doremi_export.json"), "w") as fh:
             json.dump({"checkpoint": os.path.abspath(tag_dir), "tag": tag, "dtype": dtype}, fh, indent=1)
+        umask_tree(tmp)  # safetensors writes 0600: teammates must be able to read the export
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
