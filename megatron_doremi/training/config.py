@@ -18,8 +18,9 @@ Layout (every section optional except ``model``, ``data`` and ``schedule``; defa
       "eval": {"eval_interval": 0, "eval_iters": 1, "micro_batch_size": null},
       "checkpoint": {"save": null, "save_interval": 0, "load": null, "export_hf": null,
                      "exit_duration_mins": null, "exit_signals": ["SIGTERM", "SIGUSR1"]},
-      "tracking": {"tensorboard": false, "wandb": null | {...}, "mlflow": null | {...}, "group": null, "name": null},
-      "health": {"peak_tflops": null},           # the accelerator's dense bf16 peak; null = the built-in table
+      "tracking": {"tensorboard": false, "wandb": null | {...}, "mlflow": null | {...}, "group": null,
+                   "name": null},
+      "health": {"peak_tflops": null},        # the accelerator's dense bf16 peak; null = the built-in table
       "output_dir": "runs/run", "seed": 1234, "deepspeed_config": "examples/ds_configs/zero3.json",
       "log_interval": 1, "progress_bar": true, "tensorboard": false, "activation_checkpointing": false,
       "debug": {"dump_samples": false, "dump_mixer": false, "step_sleep_s": 0, "save_sleep_s": 0}
@@ -28,9 +29,10 @@ Layout (every section optional except ``model``, ``data`` and ``schedule``; defa
 ``debug`` holds test aids: per-rank sample hashes, per-rank mixer weights every step (exact hex floats), a pause
 after every step, a pause at the start of every checkpoint save (its tag directory already exists).
 ``checkpoint.exit_signals`` / ``exit_duration_mins``: see :mod:`.signals`; ``tracking``: :mod:`.tracking` (the
-top-level ``tensorboard`` is an alias of ``tracking.tensorboard``); ``health``: :mod:`.health`. A ``doremi`` mixer's keys are checked here (``mixer.step_size`` must be finite and > 0, ...);
-with ``check_files`` its reference checkpoint is checked too (exists, same vocabulary, architecture and domains as
-this run: :func:`megatron_doremi.training.reference.check_reference`), all before any process group exists.
+top-level ``tensorboard`` is an alias of ``tracking.tensorboard``); ``health``: :mod:`.health`.
+A ``doremi`` mixer's keys are checked here (``mixer.step_size`` must be finite and > 0, ...); with
+``check_files`` its reference checkpoint is checked too (exists, same vocabulary, architecture and domains as this
+run: :func:`megatron_doremi.training.reference.check_reference`), all before any process group exists.
 
 Relative paths are taken relative to the current working directory (like Megatron/DeepSpeed command lines),
 except shard prefixes inside a mixture JSON file, which are relative to that file. A ``model`` string ending in
