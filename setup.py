@@ -7,9 +7,14 @@ against the torch/numpy already in the environment.
 from __future__ import annotations
 
 import os
+import runpy
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
+
+_install_check = runpy.run_path(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "megatron_doremi", "install_check.py")
+)
 
 CXX_FLAGS = ["-O3", "-std=c++17"]
 if os.environ.get("MEGATRON_DOREMI_NATIVE_ARCH", "0") == "1":
@@ -67,21 +72,23 @@ setup(
     description="DoReMi / RegMix data-mixture optimisation on a DeepSpeed ZeRO-3 pretraining stack",
     packages=find_packages(include=["megatron_doremi", "megatron_doremi.*"]),
     python_requires=">=3.10",
-    install_requires=[
-        "numpy>=1.24",
-        "torch>=2.1",
-        "tokenizers>=0.15",
-        "transformers>=4.40",
-        "safetensors>=0.4",
-        "deepspeed>=0.14",
-        "matplotlib>=3.6",
-        "tqdm>=4.60",
-    ],
+    # minimum versions and why: megatron_doremi/install_check.py (also checked when the trainer starts)
+    install_requires=_install_check["install_requires"](),
     extras_require={
         "parquet": ["pyarrow>=12"],
         "regmix": ["lightgbm>=4.0", "scipy>=1.10"],
         "tensorboard": ["tensorboard>=2.10"],
-        "test": ["pytest>=7", "pyarrow>=12", "ruff>=0.4", "lightgbm>=4.0", "scipy>=1.10"],
+        "wandb": ["wandb>=0.31"],
+        "mlflow": ["mlflow-skinny>=3.18"],  # the client: tracking server / file store; full mlflow works too
+        "test": [
+            "pytest>=7",
+            "pyarrow>=12",
+            "ruff>=0.4",
+            "lightgbm>=4.0",
+            "scipy>=1.10",
+            "wandb>=0.31",  # the tracker tests run them offline (they skip without)
+            "mlflow-skinny>=3.18",
+        ],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

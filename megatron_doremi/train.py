@@ -7,13 +7,18 @@
 
 The run config and the DeepSpeed config (batch identity, ZeRO stage, files) are checked before any process
 group or model is created; errors print ``error: ...`` naming the key and exit with status 2.
+Exit statuses are :mod:`megatron_doremi.training.exit_codes`: 0 done, 1 failed, 2 bad config, 75 (REQUEUE) stopped
+on a signal (SIGTERM/SIGUSR1) or ``checkpoint.exit_duration_mins`` after a complete checkpoint: rerun to resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+
+STATUS_FILE_ENV = "MEGATRON_DOREMI_EXIT_STATUS_FILE"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,23 +52,46 @@ def check_config(config: str, overrides: Sequence[str]):
     return cfg
 
 
+def _report_status(status: int) -> int:
+    """Rank 0 writes ``status`` to ``$MEGATRON_DOREMI_EXIT_STATUS_FILE`` when set (for launchers that replace the
+    ranks' exit status by their own, like torchrun: the sbatch templates read it to requeue); returns it."""
+    path = os.environ.get(STATUS_FILE_ENV)
+    if path and os.environ.get("RANK", "0") == "0":
+        from megatron_doremi.atomic_io import atomic_write_text
+
+        try:
+            atomic_write_text(path, f"{status}\n")
+        except OSError as exc:
+            print(f"warning: cannot write the exit status to {path} ({exc.strerror})", file=sys.stderr)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from megatron_doremi.install_check import check_installed
+    from megatron_doremi.training import exit_codes
+
     args = build_parser().parse_args(argv)
+    problems = check_installed()
+    if problems:
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        return _report_status(exit_codes.FAILED)
     try:
         cfg = check_config(args.config, args.overrides)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _report_status(exit_codes.CONFIG_ERROR)
     from megatron_doremi.training.engine import Trainer
 
     try:
-        Trainer(cfg, verbose=args.verbose).train()
+        summary = Trainer(cfg, verbose=args.verbose).train()
     except (ValueError, OSError) as exc:
         if args.verbose:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return _report_status(exit_codes.FAILED)
+    # stopped on a signal or the time limit after a complete checkpoint: rerunning resumes exactly
+    return _report_status(exit_codes.REQUEUE if summary.get("stopped") else exit_codes.OK)
 
 
 if __name__ == "__main__":

@@ -247,12 +247,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"{name}: {envs} {shlex.join(argv)}")
         print(f"{len(rep.planned)} run(s) to train, {len(rep.skipped)} already done")
         return 0
+    resume = len(rep.requeued) + len(rep.pending)
     print(
         f"regmix train: {len(rep.trained)} trained, {len(rep.skipped)} skipped (done), {len(rep.failed)} failed"
+        + (f", {resume} to resume (rerun)" if resume else "")
     )
     for name, why in rep.failed.items():
         print(f"  FAILED {name}: {why}", file=sys.stderr)
-    return 1 if rep.failed else 0
+    return rep.exit_status()  # REQUEUE (75) when runs were stopped to be resumed
 
 
 # ---- fit ------------------------------------------------------------------------------------------------------------

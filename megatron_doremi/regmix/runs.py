@@ -41,6 +41,7 @@ import numpy as np
 
 from megatron_doremi.atomic_io import atomic_write_json
 from megatron_doremi.regmix.sample import RegmixError
+from megatron_doremi.training import exit_codes
 
 __all__ = [
     "DONE_MARKER",
@@ -274,12 +275,25 @@ def visible_gpus(ids: Sequence[int], parent: str | None) -> list[str]:
 
 @dataclass
 class TrainReport:
-    """Outcome of :func:`train_runs`: run names by status, and the failures' messages."""
+    """Outcome of :func:`train_runs`: run names by status, and the failures' messages.
+
+    ``requeued``: runs that exited ``exit_codes.REQUEUE`` (stopped on a signal or time limit after a checkpoint:
+    not failed, not done; the next ``regmix train`` resumes them); ``pending``: queued runs not started because a
+    run was requeued (the allocation is ending).
+    """
 
     trained: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     planned: list[tuple[str, list[str], dict[str, str]]] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+
+    def exit_status(self) -> int:
+        """FAILED if a run failed, else REQUEUE if one was stopped to be resumed (or left pending), else OK."""
+        if self.failed:
+            return exit_codes.FAILED
+        return exit_codes.REQUEUE if self.requeued or self.pending else exit_codes.OK
 
 
 def _parse_only(only: Sequence[int] | None, count: int) -> set[int] | None:
@@ -313,7 +327,8 @@ def train_runs(
     gpus_per_run``, taken round-robin from ``gpu_ids`` (default ``0 .. parallel*gpus_per_run - 1``; indices into
     this process's ``CUDA_VISIBLE_DEVICES`` when set), so several runs may share a GPU when ``gpu_ids`` is shorter.
     ``only`` restricts to run indices (a SLURM array task). An ``eval_summary.json`` left by an earlier failed
-    attempt is renamed ``eval_summary.json.stale`` before the run starts.
+    attempt is renamed ``eval_summary.json.stale`` before the run starts. A run that exits ``exit_codes.REQUEUE``
+    goes to ``report.requeued`` (resumable, not failed) and no further run is started (``report.pending``).
     """
     if parallel < 1:
         raise RegmixError(f"--parallel: must be >= 1, got {parallel}")
@@ -371,6 +386,9 @@ def train_runs(
     free = list(range(parallel))
     try:
         while queue or running:
+            if report.requeued and queue:  # a run was told to stop (signal / time limit): start no more
+                report.pending.extend(d.name for d in queue)
+                queue.clear()
             while queue and free:
                 slot = free.pop(0)
                 d = queue.pop(0)
@@ -411,6 +429,10 @@ def train_runs(
                 free.append(slot)
                 rc = proc.returncode
                 took = time.time() - t0
+                if rc == exit_codes.REQUEUE:
+                    report.requeued.append(d.name)
+                    echo(f"[regmix] {d.name}: stopped after a checkpoint ({exit_codes.describe(rc)})")
+                    continue
                 if rc != 0:
                     report.failed[d.name] = f"exit status {rc} (see {d / TRAIN_LOG})"
                 elif not (d / EVAL_SUMMARY).is_file():

@@ -1,4 +1,4 @@
-"""Run configuration: one JSON file per training run, ``--set key=value`` overrides, validation.
+"""Run configuration: one JSON (or YAML) file per training run, ``--set key=value`` overrides, validation.
 
 Layout (every section optional except ``model``, ``data`` and ``schedule``; defaults below)::
 
@@ -17,23 +17,32 @@ Layout (every section optional except ``model``, ``data`` and ``schedule``; defa
       "schedule": {"seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr",
                    "warmup_iters", "lr_decay_style": "cosine"|"linear"|"constant", "lr_decay_iters": null},
       "eval": {"eval_interval": 0, "eval_iters": 1, "micro_batch_size": null},
-      "checkpoint": {"save": null, "save_interval": 0, "load": null, "export_hf": null},
+      "checkpoint": {"save": null, "save_interval": 0, "load": null, "export_hf": null,
+                     "exit_duration_mins": null, "exit_signals": ["SIGTERM", "SIGUSR1"]},
+      "tracking": {"tensorboard": false, "wandb": null | {...}, "mlflow": null | {...}, "group": null,
+                   "name": null},
+      "health": {"peak_tflops": null},        # the accelerator's dense bf16 peak; null = the built-in table
       "output_dir": "runs/run", "seed": 1234, "deepspeed_config": "examples/ds_configs/zero3.json",
-      "log_interval": 1, "progress_bar": true, "tensorboard": true, "activation_checkpointing": false,
-      "debug": {"dump_samples": false, "dump_mixer": false, "step_sleep_s": 0}
+      "log_interval": 1, "progress_bar": true, "tensorboard": false, "activation_checkpointing": false,
+      "debug": {"dump_samples": false, "dump_mixer": false, "step_sleep_s": 0, "save_sleep_s": 0}
     }
 
 ``debug`` holds test aids: per-rank sample hashes, per-rank mixer weights every step (exact hex floats), a pause
-after every step. A ``doremi`` mixer's keys are checked here (``mixer.step_size`` must be finite and > 0, ...);
-with ``check_files`` its reference checkpoint is checked too (exists, same vocabulary, architecture and domains as
-this run: :func:`megatron_doremi.training.reference.check_reference`), all before any process group exists.
+after every step, a pause at the start of every checkpoint save (its tag directory already exists).
+``checkpoint.exit_signals`` / ``exit_duration_mins``: see :mod:`.signals`; ``tracking``: :mod:`.tracking` (the
+top-level ``tensorboard`` is an alias of ``tracking.tensorboard``); ``health``: :mod:`.health`.
+A ``doremi`` mixer's keys are checked here (``mixer.step_size`` must be finite and > 0, ...); with
+``check_files`` its reference checkpoint is checked too (exists, same vocabulary, architecture and domains as this
+run: :func:`megatron_doremi.training.reference.check_reference`), all before any process group exists.
 
 Relative paths are taken relative to the current working directory (like Megatron/DeepSpeed command lines),
 except shard prefixes inside a mixture JSON file, which are relative to that file. A ``model`` string ending in
 ``.json`` is read into the config before overrides apply, so ``--set model.num_hidden_layers=4`` works.
 
-Overrides: ``--set schedule.lr=1e-4`` (dotted key, value parsed as JSON, else taken as a string).
-Errors raise :class:`ConfigError` naming the file and the dotted key.
+Overrides: ``--set schedule.lr=1e-4`` (dotted key, value parsed as JSON, else taken as a string);
+``--set mixer.weights=@runs/proxy/domain_weights.json`` reads the value from a JSON/YAML file (for a ``*weights``
+key a ``domain_weights.json`` gives its average weights and a mixture file its domain weights).
+Errors raise :class:`ConfigError` naming the file, the line of the key when it is in the file, and the dotted key.
 """
 
 from __future__ import annotations
@@ -43,11 +52,12 @@ import difflib
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from megatron_doremi.json_files import read_json_file
+from megatron_doremi.json_files import key_lines, read_json_file
 
 __all__ = [
     "ConfigError",
@@ -92,8 +102,17 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "lr_decay_iters": None,
     },
     "eval": {"eval_interval": 0, "eval_iters": 1, "micro_batch_size": None},
-    "checkpoint": {"save": None, "save_interval": 0, "load": None, "export_hf": None},
-    "debug": {"dump_samples": False, "dump_mixer": False, "step_sleep_s": 0.0},
+    "checkpoint": {
+        "save": None,
+        "save_interval": 0,
+        "load": None,
+        "export_hf": None,
+        "exit_duration_mins": None,
+        "exit_signals": ["SIGTERM", "SIGUSR1"],
+    },
+    "tracking": {"tensorboard": False, "wandb": None, "mlflow": None, "group": None, "name": None},
+    "health": {"peak_tflops": None},
+    "debug": {"dump_samples": False, "dump_mixer": False, "step_sleep_s": 0.0, "save_sleep_s": 0.0},
 }
 
 
@@ -111,7 +130,7 @@ _TOP_LEVEL: dict[str, Any] = {
     "deepspeed_config": "examples/ds_configs/zero3.json",
     "log_interval": 1,
     "progress_bar": True,
-    "tensorboard": True,
+    "tensorboard": False,  # alias of tracking.tensorboard
     "activation_checkpointing": False,
     "description": "",
 }
@@ -140,11 +159,29 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"--set {text!r}: bad dotted key {key!r}")
+    if raw.startswith("@"):
+        return parts, _file_value(parts, raw[1:], text)
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
     return parts, value
+
+
+def _file_value(parts: list[str], path: str, text: str) -> Any:
+    """The value of ``--set key=@path``: the file's JSON/YAML; for a ``*weights`` key a ``domain_weights.json``
+    (its ``average.weights``) or a mixture file (``domains.<name>.weight``) becomes ``{name: weight}``."""
+    if not path:
+        raise ConfigError(f"--set {text!r}: '@' must be followed by a JSON or YAML file path")
+    value = read_json_file(path, f"--set {'.'.join(parts)} value", ConfigError)
+    if parts[-1].endswith("weights") and isinstance(value, dict):
+        average = value.get("average")
+        if isinstance(average, dict) and isinstance(average.get("weights"), dict):
+            return dict(average["weights"])
+        domains = value.get("domains")
+        if isinstance(domains, dict) and all(isinstance(d, dict) and "weight" in d for d in domains.values()):
+            return {name: d["weight"] for name, d in domains.items()}
+    return value
 
 
 def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -179,13 +216,15 @@ class RunConfig:
     eval: dict[str, Any] = field(default_factory=dict)
     checkpoint: dict[str, Any] = field(default_factory=dict)
     debug: dict[str, Any] = field(default_factory=dict)
+    tracking: dict[str, Any] = field(default_factory=dict)
+    health: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
     output_dir: str = "runs/run"
     seed: int = 1234
     deepspeed_config: dict[str, Any] | str = "examples/ds_configs/zero3.json"
     log_interval: int = 1
     progress_bar: bool = True
-    tensorboard: bool = True
+    tensorboard: bool = False
     activation_checkpointing: bool = False
     description: str = ""
     source: str = "config"
@@ -229,6 +268,8 @@ class RunConfig:
             "eval": self.eval,
             "checkpoint": self.checkpoint,
             "debug": self.debug,
+            "tracking": self.tracking,
+            "health": self.health,
             "output_dir": self.output_dir,
             "seed": self.seed,
             "deepspeed_config": self.deepspeed_config,
@@ -486,9 +527,18 @@ def validate_run_config(raw: dict[str, Any], source: str = "config", check_files
         raise ConfigError(
             f"{source}: checkpoint.export_hf exports from the final checkpoint: set checkpoint.save too"
         )
+    from megatron_doremi.training.signals import validate_exit_options
+
+    validate_exit_options(source, ckpt)
 
     debug = _section(source, raw, "debug")
     debug["step_sleep_s"] = _float(source, "debug.step_sleep_s", debug["step_sleep_s"], 0.0)
+    debug["save_sleep_s"] = _float(source, "debug.save_sleep_s", debug["save_sleep_s"], 0.0)
+    health = _section(source, raw, "health")
+    if health["peak_tflops"] is not None:
+        health["peak_tflops"] = _float(source, "health.peak_tflops", health["peak_tflops"], 0.0)
+        if health["peak_tflops"] <= 0:
+            raise ConfigError(f"{source}: health.peak_tflops must be > 0 (TFLOP/s per device), got 0")
 
     mixer = raw.get("mixer", _TOP_LEVEL["mixer"])
     if not isinstance(mixer, dict) or not isinstance(mixer.get("type", "static"), str):
@@ -520,6 +570,9 @@ def validate_run_config(raw: dict[str, Any], source: str = "config", check_files
     for key in ("progress_bar", "tensorboard", "activation_checkpointing"):
         if not isinstance(raw.get(key, _TOP_LEVEL[key]), bool):
             raise ConfigError(f"{source}: {key} must be true or false, got {raw[key]!r}")
+    from megatron_doremi.training.tracking import validate_tracking
+
+    tracking = validate_tracking(source, _section(source, raw, "tracking"), raw.get("tensorboard", False))
     return RunConfig(
         model=model,
         data=data,
@@ -528,13 +581,15 @@ def validate_run_config(raw: dict[str, Any], source: str = "config", check_files
         eval=ev,
         checkpoint=ckpt,
         debug=debug,
+        tracking=tracking,
+        health=health,
         tokenizer=tokenizer,
         output_dir=output_dir,
         seed=seed,
         deepspeed_config=ds_config,
         log_interval=log_interval,
         progress_bar=bool(raw.get("progress_bar", True)),
-        tensorboard=bool(raw.get("tensorboard", True)),
+        tensorboard=tracking["tensorboard"],
         activation_checkpointing=bool(raw.get("activation_checkpointing", False)),
         description=str(raw.get("description", "")),
         source=source,
@@ -548,7 +603,8 @@ def load_run_config(
     base: dict[str, Any] | None = None,
     check_files: bool = True,
 ) -> RunConfig:
-    """Read a run config file (or start from ``base``), inline a ``model`` .json file, apply overrides, validate."""
+    """Read a run config file (JSON, or YAML for ``.yaml``/``.yml``; or start from ``base``), inline a ``model``
+    .json file, apply overrides, validate. An error about a key written in the file names its line."""
     if path is not None:
         raw = read_json(path, "run config")
         source = str(path)
@@ -560,7 +616,31 @@ def load_run_config(
         raw = apply_overrides(raw, overrides)
         raw = _inline_model(raw, source)
         source = f"{source} (with --set overrides)"
-    return validate_run_config(raw, source, check_files=check_files)
+    try:
+        return validate_run_config(raw, source, check_files=check_files)
+    except ConfigError as exc:
+        if path is None:
+            raise
+        raise _with_line(exc, str(path), overrides) from None
+
+
+def _with_line(exc: ConfigError, path: str, overrides: Sequence[str]) -> ConfigError:
+    """``exc`` with ``path:LINE`` when its message names a key of the file (the first one named; not one that an
+    override set)."""
+    msg = str(exc)
+    if not msg.startswith(path) or re.match(r":\d+:", msg[len(path) :]):  # not about the file, or has a line
+        return exc
+    overridden = {".".join(parse_override(o)[0]) for o in overrides}
+    best: tuple[int, int, int] | None = None  # (position, -len(key), line)
+    for key, line in key_lines(path).items():
+        if key in overridden:
+            continue
+        m = re.search(rf"(?<![\w.]){re.escape(key)}(?!\w|\.\w)", msg[len(path) :])
+        if m and (best is None or (m.start(), -len(key)) < best[:2]):
+            best = (m.start(), -len(key), line)
+    if best is None:
+        return exc
+    return ConfigError(f"{path}:{best[2]}{msg[len(path) :]}")
 
 
 def _inline_model(raw: dict[str, Any], source: str) -> dict[str, Any]:

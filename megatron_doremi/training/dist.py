@@ -3,16 +3,22 @@
 * ``deepspeed`` and ``torchrun`` export RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT: used as they are.
 * ``srun python -m megatron_doremi.train`` (one task per GPU, no launcher) exports only SLURM_* variables: they
   are mapped RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID, WORLD_SIZE=SLURM_NTASKS, MASTER_ADDR = the first host of
-  SLURM_JOB_NODELIST (expanded here, no ``scontrol`` needed), MASTER_PORT = $MASTER_PORT or 29500.
+  SLURM_JOB_NODELIST (``scontrol show hostnames`` when available, else :func:`expand_nodelist`), MASTER_PORT =
+  $MASTER_PORT or 29500.
+* The CUDA device is ``LOCAL_RANK`` modulo the devices this process sees (:func:`local_device_index`), so
+  ``--gpus-per-task=1`` (one visible GPU per task) works as well as ``--gpus-per-node=8``.
 * A plain ``python -m megatron_doremi.train`` is rank 0 of 1 on 127.0.0.1 and a free port.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
+import shutil
 import socket
+import subprocess
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
@@ -20,7 +26,18 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistEnv", "all_reduce_sum", "barrier", "expand_nodelist", "init_distributed", "setup_env"]
+__all__ = [
+    "DistEnv",
+    "NodeListError",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "barrier",
+    "expand_nodelist",
+    "hostnames",
+    "init_distributed",
+    "local_device_index",
+    "setup_env",
+]
 
 
 @dataclass(frozen=True)
@@ -33,30 +50,93 @@ class DistEnv:
     launcher: str  # "torchrun/deepspeed", "srun" or "single"
 
 
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand a SLURM node list: ``"gpu[01-03,7],cpu5"`` -> ``["gpu01", "gpu02", "gpu03", "gpu7", "cpu5"]``.
+class NodeListError(ValueError):
+    """A SLURM node list that is not valid hostlist syntax; the message quotes it."""
 
-    Zero padding of range bounds is kept (``[008-010]`` -> 008, 009, 010). Nested brackets are not SLURM syntax.
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets: ``"a[1,2],b"`` -> ``["a[1,2]", "b"]``."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            if depth:
+                raise NodeListError(f"node list {text!r}: nested '[' at column {i + 1}")
+            depth = 1
+        elif ch == "]":
+            if not depth:
+                raise NodeListError(f"node list {text!r}: ']' without '[' at column {i + 1}")
+            depth = 0
+        elif ch == "," and not depth:
+            items.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise NodeListError(f"node list {text!r}: unclosed '['")
+    items.append(text[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+def _expand_brackets(ranges: str, nodelist: str) -> list[str]:
+    """``"01-03,7"`` -> ``["01", "02", "03", "7"]`` (a range keeps the zero padding of its lower bound)."""
+    out: list[str] = []
+    for part in ranges.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise NodeListError(f"node list {nodelist!r}: bad range {part!r} in [{ranges}]")
+        if not sep:
+            out.append(lo)
+            continue
+        if int(hi) < int(lo):
+            raise NodeListError(f"node list {nodelist!r}: descending range {part!r}")
+        out.extend(f"{n:0{len(lo)}d}" for n in range(int(lo), int(hi) + 1))
+    return out
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM hostlist in Python, in SLURM's order (the last bracket group varies fastest).
+
+    ``"gpu[01-03,7],cpu5"`` -> gpu01 gpu02 gpu03 gpu7 cpu5; ``"rack[1-2]-node[01-02]"`` -> rack1-node01,
+    rack1-node02, rack2-node01, rack2-node02; zero padding of range bounds is kept (``[008-010]``), suffixes after a
+    bracket too (``node[1-2]-ib``). NodeListError on unbalanced or nested brackets and bad ranges.
     """
     hosts: list[str] = []
-    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,\[]*", nodelist):
-        item = item.strip()
-        if not item:
-            continue
-        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", item)
-        if not m:
-            hosts.append(item)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for part in ranges.split(","):
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                width = len(lo)
-                for n in range(int(lo), int(hi) + 1):
-                    hosts.append(f"{prefix}{n:0{width}d}{suffix}")
-            else:
-                hosts.append(f"{prefix}{part}{suffix}")
+    for item in _split_top_level(nodelist):
+        parts = re.split(r"(\[[^\]]*\])", item)
+        choices = [
+            _expand_brackets(p[1:-1], nodelist) if p.startswith("[") else [p] for p in parts if p != ""
+        ]
+        hosts.extend("".join(combo) for combo in itertools.product(*choices))
     return hosts
+
+
+def hostnames(nodelist: str, use_scontrol: bool = True) -> list[str]:
+    """The hosts of a SLURM node list: ``scontrol show hostnames`` when it is on PATH (SLURM's own parser),
+    else (or when it fails) :func:`expand_nodelist`."""
+    if use_scontrol and nodelist and shutil.which("scontrol"):
+        try:
+            proc = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
+            )
+            hosts = proc.stdout.split()
+            if proc.returncode == 0 and hosts:
+                return hosts
+            logger.warning(
+                "scontrol show hostnames %r failed (%s); parsing it here", nodelist, proc.stderr.strip()
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            logger.warning("scontrol show hostnames %r failed (%s); parsing it here", nodelist, exc)
+    return expand_nodelist(nodelist)
+
+
+def local_device_index(local_rank: int, device_count: int) -> int:
+    """The CUDA device index of a rank: ``local_rank`` modulo the devices this process sees.
+
+    Covers ``--gpus-per-node=8`` (8 visible, index = local rank), ``--gpus-per-task=1`` (each task sees one GPU:
+    index 0 whatever SLURM_LOCALID is) and a site-set CUDA_VISIBLE_DEVICES (indices are into that list).
+    """
+    if device_count < 1:
+        raise RuntimeError("no CUDA device visible to this process (CUDA_VISIBLE_DEVICES empty?)")
+    return local_rank % device_count
 
 
 def _free_port() -> int:
@@ -78,7 +158,7 @@ def setup_env(env: MutableMapping[str, str] | None = None) -> DistEnv:
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         env["WORLD_SIZE"] = env["SLURM_NTASKS"]
         if "MASTER_ADDR" not in env:
-            nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
+            nodes = hostnames(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
             env["MASTER_ADDR"] = nodes[0] if nodes else "127.0.0.1"
         env.setdefault("MASTER_PORT", "29500")
         launcher = "srun"
@@ -98,14 +178,18 @@ def init_distributed() -> DistEnv:
     denv = setup_env()
     accel = get_accelerator()
     if accel.device_name() == "cuda":
-        torch.cuda.set_device(denv.local_rank)
+        count = torch.cuda.device_count()
+        index = local_device_index(denv.local_rank, count)
+        if index != denv.local_rank:
+            logger.info("local rank %d sees %d CUDA device(s): using cuda:%d", denv.local_rank, count, index)
+        torch.cuda.set_device(index)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), dist_init_required=True)
     return denv
 
 
 def device() -> torch.device:
-    """The device this rank computes on (cuda:LOCAL_RANK or cpu)."""
+    """The device this rank computes on (the CUDA device :func:`init_distributed` selected, or cpu)."""
     from deepspeed.accelerator import get_accelerator
 
     name = get_accelerator().device_name()
@@ -123,4 +207,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """In-place sum over all ranks (no-op without a process group); returns ``tensor``."""
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place maximum over all ranks (no-op without a process group); returns ``tensor``."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return tensor

@@ -49,14 +49,16 @@ from megatron_doremi.training.checkpoint import (
 from megatron_doremi.training.config import ConfigError, RunConfig
 from megatron_doremi.training.ds_config import resolve_deepspeed_config, zero_stage
 from megatron_doremi.training.evaluation import evaluate_domains
+from megatron_doremi.training.health import HealthMeter
 from megatron_doremi.training.lr_schedule import make_lr_scheduler, schedule_fn
 from megatron_doremi.training.metrics import (
     JsonlLog,
-    TensorBoard,
     format_duration,
     format_eval_table,
     stderr_is_tty,
 )
+from megatron_doremi.training.signals import ExitGuard
+from megatron_doremi.training.tracking import Trackers
 
 logger = logging.getLogger("megatron_doremi.train")
 
@@ -105,6 +107,9 @@ class Trainer:
         setup_logging(self.rank, verbose)
         self.device = dist.device()
         self.on_gpu = self.device.type == "cuda"
+        self.exit_guard = ExitGuard.from_config(cfg.checkpoint, self.device)  # signals / time limit
+        if for_training:
+            self.exit_guard.install()  # early: a signal during start-up stops after the first step
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -119,7 +124,8 @@ class Trainer:
         self._build_engine()
         self.reference = self._build_reference() if for_training else None
         self.step = 0
-        self.metrics = self.eval_log = self.tb = None
+        self.metrics = self.eval_log = None
+        self.tracker = Trackers({})
         self._last_saved = -1
         self._last_eval: dict[str, Any] | None = None
         self._eval_step = -1
@@ -144,14 +150,15 @@ class Trainer:
         self.mixture, self.datasets = build_run_datasets(
             self.mixture, cfg.data, cfg.seq_length, cfg.data_seed, targets
         )
+        self.mixer = build_mixer(cfg.mixer, self.mixture)
         logger.info(
-            "data: %d domains (%s), splits %s, built in %.2fs",
+            "data: %d domains, sampling weights %s (%s mixer), splits %s, built in %.2fs",
             self.num_domains,
-            ", ".join(f"{n}={w:.3f}" for n, w in zip(self.names, self.mixture.weights)),
+            ", ".join(f"{n}={w:.3f}" for n, w in zip(self.names, self.mixer.sampling_weights())),
+            self.mixer.name,
             "/".join(self.datasets),
             time.time() - t0,
         )
-        self.mixer = build_mixer(cfg.mixer, self.mixture)
         self.loader = None
         if for_training:
             schedule = BlendSchedule(
@@ -190,6 +197,9 @@ class Trainer:
         self.vocab_size = int(model.config.vocab_size)
         self.hf_config = model.config.to_dict()
         self.num_params = count_parameters(model)
+        self.health = HealthMeter.for_model(
+            self.device, self.num_params, self.hf_config, cfg, self.world_size, cfg.health.get("peak_tflops")
+        )
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=param_groups(model),
@@ -267,18 +277,22 @@ class Trainer:
     def save(self) -> None:
         save_dir = self.cfg.checkpoint["save"]
         t0 = time.time()
-        save_checkpoint(
-            self.engine,
-            save_dir,
-            self.step,
-            self.client_state(),
-            self.rank,
-            extra_json={
-                "hf_config.json": self.hf_config,
-                "run_config.json": self.cfg.to_dict(),
-                "ds_config.json": self.ds_config,
-            },
-        )
+        with self.exit_guard.doing(f"saving checkpoint global_step{self.step}"):
+            if self.cfg.debug.get("save_sleep_s"):  # test aid: a save in progress (tag dir, old `latest`)
+                os.makedirs(os.path.join(save_dir, f"global_step{self.step}"), exist_ok=True)
+                time.sleep(self.cfg.debug["save_sleep_s"])
+            save_checkpoint(
+                self.engine,
+                save_dir,
+                self.step,
+                self.client_state(),
+                self.rank,
+                extra_json={
+                    "hf_config.json": self.hf_config,
+                    "run_config.json": self.cfg.to_dict(),
+                    "ds_config.json": self.ds_config,
+                },
+            )
         self._last_saved = self.step
         logger.info("checkpoint: saved %s/global_step%d in %.1fs", save_dir, self.step, time.time() - t0)
 
@@ -302,8 +316,11 @@ class Trainer:
                 self.loader.load_state_dict(client["loader"])
             if client.get("mixer") is not None:
                 self.mixer.load_state_dict(client["mixer"])
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = self.lr_fn(self.step)
+            # the restored scheduler's own value (base * lambda, which can differ from lr_fn by one ulp)
+            sched = getattr(self.engine, "lr_scheduler", None)
+            last = sched.get_last_lr() if sched is not None else None
+            for i, group in enumerate(self.engine.optimizer.param_groups):
+                group["lr"] = last[i] if last else self.lr_fn(self.step)
         logger.info("checkpoint: resumed from %s/%s at step %d", load_dir, client["tag"], self.step)
         return True
 
@@ -394,6 +411,7 @@ class Trainer:
             "tokens_per_s": tokens / step_time,
             "step_time_s": step_time,
             "data_time_s": t_data,
+            **self.health.step(step_time, t_data),
             **({"reference_time_s": t_ref} if self.reference is not None else {}),
             "consumed_samples": self.loader.consumed_samples,
             "consumed_tokens": self.loader.consumed_samples * self.cfg.seq_length,
@@ -543,11 +561,7 @@ class Trainer:
         if self.rank == 0:
             assert self.eval_log is not None
             self.eval_log.write(result)
-            flat = {k: v["loss"] for k, v in result["domains"].items()}
-            self.tb.scalars(
-                self.step,
-                {"eval_loss": flat, "eval": {k: result[k]["loss"] for k in ("token_weighted", "uniform")}},
-            )
+            self.tracker.log_eval(self.step, result)
             if not final:  # the final table is part of the run summary
                 self._print(format_eval_table(result, f"eval at step {self.step} ({result['split']})"))
 
@@ -559,7 +573,7 @@ class Trainer:
         else:
             print(text, file=sys.stderr, flush=True)
 
-    def _open_logs(self) -> None:
+    def _open_logs(self, resumed: bool = False) -> None:
         out = self.cfg.output_dir
         if self.rank == 0:
             os.makedirs(out, exist_ok=True)
@@ -574,7 +588,9 @@ class Trainer:
             # A resumed run continues the logs as if it had never stopped: drop lines past the checkpoint.
             self.metrics.truncate_after(self.step)
             self.eval_log.truncate_after(self.step)
-            self.tb = TensorBoard(os.path.join(out, "tensorboard"), self.cfg.tensorboard)
+            self.tracker = Trackers.open(
+                self.cfg.tracking, out, self.rank, resumed, self.step, self.cfg.to_dict()
+            )
         for flag, name in (("dump_samples", "samples"), ("dump_mixer", "mixer")):
             if self.cfg.debug.get(flag):
                 os.makedirs(out, exist_ok=True)
@@ -587,7 +603,7 @@ class Trainer:
 
         cfg = self.cfg
         resumed = self.resume()
-        self._open_logs()
+        self._open_logs(resumed)
         self._open_weights_log(resumed)
         total = cfg.train_iters
         save_dir, save_interval = cfg.checkpoint["save"], cfg.checkpoint["save_interval"]
@@ -606,7 +622,7 @@ class Trainer:
             tokens_seen += cfg.global_batch_size * cfg.seq_length
             if self.rank == 0:
                 self.metrics.write(last)
-                self.tb.scalars(self.step, {k: v for k, v in last.items() if k != "domain_tokens"}, "train/")
+                self.tracker.log_train(self.step, last)
                 done = self.step - start_step
                 eta = (time.time() - t_start) / done * (total - self.step)
                 if self._bar is not None:
@@ -622,6 +638,9 @@ class Trainer:
                 self._run_eval()
             if save_dir and save_interval and self.step % save_interval == 0:
                 self.save()
+            stop = self.exit_guard.should_stop() if self.exit_guard.active and self.step < total else None
+            if stop:  # every rank agreed (all-reduce) at this step: save it and exit REQUEUE
+                return self._stop(stop, last, start_step, time.time() - t_start, tokens_seen)
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -649,6 +668,7 @@ class Trainer:
             "parameters": self.num_params,
             "world_size": self.world_size,
             "export_hf": export_dir,
+            "health": self.health.summary(),
         }
         if self.rank == 0:
             out = cfg.output_dir
@@ -664,9 +684,52 @@ class Trainer:
                 }
                 summary.update(weights_files)
             atomic_write_text(os.path.join(out, "train_summary.json"), json.dumps(summary, indent=1) + "\n")
-            self.tb.close()
+            self.tracker.log_summary(self.step, summary)
+            self.tracker.close()
             self._final_report(summary)
         dist.barrier()
+        self.exit_guard.restore()
+        return summary
+
+    def _stop(
+        self, reason: str, last: dict[str, Any], start_step: int, train_time: float, tokens_seen: int
+    ) -> dict[str, Any]:
+        """Collective: the agreed stop (signal / time limit) at ``self.step``: a complete checkpoint of this step,
+        ``train_summary.json`` with ``stopped`` (no eval summary, domain weights or export: the run is not done),
+        the trackers marked resumable. The caller exits with ``exit_codes.REQUEUE``."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._last_saved != self.step:
+            self.save()
+        summary = {
+            "steps": self.step,
+            "steps_this_run": self.step - start_step,
+            "train_time_s": train_time,
+            "tokens_per_s": tokens_seen / train_time if train_time > 0 else None,
+            "consumed_samples": self.loader.consumed_samples if self.loader else None,
+            "final_train_loss": last.get("loss"),
+            "parameters": self.num_params,
+            "world_size": self.world_size,
+            "health": self.health.summary(),
+            "stopped": {"reason": reason, "step": self.step, "checkpoint": f"global_step{self.step}"},
+        }
+        if self.rank == 0:
+            if self._weights_log is not None:
+                self._weights_log.close()
+                self._weights_log = None
+            atomic_write_text(
+                os.path.join(self.cfg.output_dir, "train_summary.json"), json.dumps(summary, indent=1) + "\n"
+            )
+            self.tracker.log_summary(self.step, summary)
+            self.tracker.close(stopped=reason)
+            print(
+                f"stopped at step {self.step}/{self.cfg.train_iters} on {reason}: checkpoint "
+                f"{self.cfg.checkpoint['save']}/global_step{self.step} saved; rerun the same command to resume",
+                flush=True,
+            )
+        dist.barrier()
+        self.exit_guard.restore()
         return summary
 
     def _final_report(self, summary: dict[str, Any]) -> None:
@@ -682,6 +745,13 @@ class Trainer:
         ]
         if tps:
             lines.append(f"  throughput {tps:,.0f} tokens/s")
+        health = summary["health"]
+        if health["tflops_per_gpu"] is not None:
+            mfu = "-" if health["mfu"] is None else f"{100 * health['mfu']:.1f}%"
+            lines.append(
+                f"  {health['tflops_per_gpu']:.1f} TFLOP/s per GPU, MFU {mfu} ({health['device']}), peak memory "
+                f"{health['max_memory_allocated_gb']:.2f} GiB, data wait {100 * health['data_wait_fraction']:.1f}%"
+            )
         if self._last_eval is not None:
             lines.append(
                 format_eval_table(self._last_eval, f"final evaluation (step {self._last_eval['step']})")

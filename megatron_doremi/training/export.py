@@ -12,11 +12,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import torch
 
+from megatron_doremi.atomic_io import make_temp_dir, umask_tree
 from megatron_doremi.json_files import read_json_file
 from megatron_doremi.training.checkpoint import CheckpointError, resolve_checkpoint
 
@@ -115,13 +115,14 @@ def export_hf(
 
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export_tmp_", dir=parent)
+    tmp = make_temp_dir(parent, ".export_tmp_")  # 0777 & ~umask, not mkdtemp's 0700
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer:
             save_tokenizer(tokenizer, tmp)
         with open(os.path.join(tmp, "megatron_doremi_export.json"), "w") as fh:
             json.dump({"checkpoint": os.path.abspath(tag_dir), "tag": tag, "dtype": dtype}, fh, indent=1)
+        umask_tree(tmp)  # safetensors writes 0600: teammates must be able to read the export
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -1,17 +1,16 @@
-"""Rank-0 observability: JSON-lines logs (resume-safe), optional TensorBoard, progress bar, summary table."""
+"""Rank-0 observability: JSON-lines logs (resume-safe), progress bar, summary table (trackers: :mod:`.tracking`)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JsonlLog", "TensorBoard", "format_eval_table", "format_duration"]
+__all__ = ["JsonlLog", "format_eval_table", "format_duration"]
 
 
 class JsonlLog:
@@ -42,34 +41,6 @@ class JsonlLog:
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record, allow_nan=True) + "\n")
-
-
-class TensorBoard:
-    """Scalars to TensorBoard when ``torch.utils.tensorboard`` works (the tensorboard package is installed)."""
-
-    def __init__(self, log_dir: str, enabled: bool) -> None:
-        self.writer = None
-        if not enabled:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception as exc:  # noqa: BLE001 - ImportError or a broken install: metrics.jsonl still has it all
-            logger.info("TensorBoard not available (%s); metrics go to metrics.jsonl only", exc)
-            return
-        self.writer = SummaryWriter(log_dir=log_dir)
-
-    def scalars(self, step: int, values: dict[str, Any], prefix: str = "") -> None:
-        if self.writer is None:
-            return
-        for key, value in values.items():
-            if isinstance(value, dict):
-                self.scalars(step, value, f"{prefix}{key}/")
-            elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self.writer.add_scalar(f"{prefix}{key}", value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def format_duration(seconds: float) -> str:
