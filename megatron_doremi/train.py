@@ -5,15 +5,22 @@
     srun python -m megatron_doremi.train --config run.json        # one task per GPU; SLURM_* mapped to RANK etc.
     python -m megatron_doremi.train --config run.json             # a single process
 
-The run config and the DeepSpeed config (batch identity, ZeRO stage, files) are checked before any process
-group or model is created; errors print ``error: ...`` naming the key and exit with status 2.
+The run config and the DeepSpeed config (batch identity, ZeRO stage, files, output paths) are checked before any
+process group or model is created; errors print ``error: ...`` naming the key. Exit statuses
+(:mod:`megatron_doremi.training.exit_codes`): OK; CONFIG_ERROR (invalid config, nothing started); LOCKED (the
+run directory is held by another live run); DIVERGED (past a ``train.*`` divergence limit: ``diverged.json`` in
+the run directory says why, the last complete checkpoint is kept); FAILED (any other error, e.g. a checkpoint
+that cannot be resumed: the message names the file or key).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+
+from megatron_doremi.training import exit_codes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +47,10 @@ def check_config(config: str, overrides: Sequence[str]):
     from megatron_doremi.training.dist import setup_env
     from megatron_doremi.training.ds_config import resolve_deepspeed_config
     from megatron_doremi.training.model import model_hidden_size
+    from megatron_doremi.training.preflight import check_output_paths
 
     cfg = load_run_config(config, overrides)
+    check_output_paths(cfg)
     denv = setup_env()
     resolve_deepspeed_config(cfg, denv.world_size, torch.cuda.is_available(), model_hidden_size(cfg.model))
     return cfg
@@ -53,18 +62,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = check_config(args.config, args.overrides)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_codes.CONFIG_ERROR
+    from megatron_doremi.training.divergence import DivergenceError
     from megatron_doremi.training.engine import Trainer
+    from megatron_doremi.training.run_lock import RunLockedError
 
+    trainer = None
     try:
-        Trainer(cfg, verbose=args.verbose).train()
+        trainer = Trainer(cfg, verbose=args.verbose)
+        trainer.train()
+        status = exit_codes.OK
+    except RunLockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exit_codes.LOCKED
+    except DivergenceError as exc:  # every rank stops at the same step: the teardown below is collective
+        print(f"error: {exc}; see {os.path.join(cfg.output_dir, 'diverged.json')}", file=sys.stderr)
+        status = exit_codes.DIVERGED
     except (ValueError, OSError) as exc:
         if args.verbose:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return exit_codes.FAILED
+    trainer.close()
+    return status
+
+
+def _exit(status: int) -> None:
+    """Exit with ``status``; after an error with the process group still up, skip the interpreter's teardown
+    (its static destructors can abort the process and replace the status)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -16,14 +16,19 @@ Layout (every section optional except ``model``, ``data`` and ``schedule``; defa
       "schedule": {"seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr",
                    "warmup_iters", "lr_decay_style": "cosine"|"linear"|"constant", "lr_decay_iters": null},
       "eval": {"eval_interval": 0, "eval_iters": 1, "micro_batch_size": null},
-      "checkpoint": {"save": null, "save_interval": 0, "load": null, "export_hf": null},
+      "checkpoint": {"save": null, "save_interval": 0, "load": null, "export_hf": null,
+                     "keep_last": null, "restart": false},
+      "train": {"max_consecutive_skipped_steps": 20, "max_skipped_steps": null,       # divergence limits
+                "max_consecutive_nonfinite_steps": 3, "max_nonfinite_steps": null},  # (training/divergence.py)
       "output_dir": "runs/run", "seed": 1234, "deepspeed_config": "examples/ds_configs/zero3.json",
       "log_interval": 1, "progress_bar": true, "tensorboard": true, "activation_checkpointing": false,
-      "debug": {"dump_samples": false, "dump_mixer": false, "step_sleep_s": 0}
+      "debug": {"dump_samples": false, "dump_mixer": false, "step_sleep_s": 0, "overflow_steps": []}
     }
 
 ``debug`` holds test aids: per-rank sample hashes, per-rank mixer weights every step (exact hex floats), a pause
-after every step. A ``doremi`` mixer's keys are checked here (``mixer.step_size`` must be finite and > 0, ...);
+after every step, steps whose gradient is made non-finite (DeepSpeed skips them like fp16 overflows).
+``checkpoint.keep_last`` keeps only the N newest complete checkpoints; ``checkpoint.restart`` starts over even
+when checkpoints exist (they are moved aside; a one-off ``--set``, not a config-file setting). A ``doremi`` mixer's keys are checked here (``mixer.step_size`` must be finite and > 0, ...);
 with ``check_files`` its reference checkpoint is checked too (exists, same vocabulary, architecture and domains as
 this run: :func:`megatron_doremi.training.reference.check_reference`), all before any process group exists.
 
@@ -81,8 +86,21 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "lr_decay_iters": None,
     },
     "eval": {"eval_interval": 0, "eval_iters": 1, "micro_batch_size": None},
-    "checkpoint": {"save": None, "save_interval": 0, "load": None, "export_hf": None},
-    "debug": {"dump_samples": False, "dump_mixer": False, "step_sleep_s": 0.0},
+    "checkpoint": {
+        "save": None,
+        "save_interval": 0,
+        "load": None,
+        "export_hf": None,
+        "keep_last": None,
+        "restart": False,
+    },
+    "train": {
+        "max_consecutive_skipped_steps": 20,
+        "max_skipped_steps": None,
+        "max_consecutive_nonfinite_steps": 3,
+        "max_nonfinite_steps": None,
+    },
+    "debug": {"dump_samples": False, "dump_mixer": False, "step_sleep_s": 0.0, "overflow_steps": []},
 }
 
 
@@ -168,6 +186,7 @@ class RunConfig:
     eval: dict[str, Any] = field(default_factory=dict)
     checkpoint: dict[str, Any] = field(default_factory=dict)
     debug: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
     output_dir: str = "runs/run"
     seed: int = 1234
@@ -218,6 +237,7 @@ class RunConfig:
             "eval": self.eval,
             "checkpoint": self.checkpoint,
             "debug": self.debug,
+            "train": self.train,
             "output_dir": self.output_dir,
             "seed": self.seed,
             "deepspeed_config": self.deepspeed_config,
@@ -462,9 +482,21 @@ def validate_run_config(raw: dict[str, Any], source: str = "config", check_files
         raise ConfigError(
             f"{source}: checkpoint.export_hf exports from the final checkpoint: set checkpoint.save too"
         )
+    if ckpt["keep_last"] is not None:
+        ckpt["keep_last"] = _int(source, "checkpoint.keep_last", ckpt["keep_last"], 1)
+    if not isinstance(ckpt["restart"], bool):
+        raise ConfigError(f"{source}: checkpoint.restart must be true or false, got {ckpt['restart']!r}")
+
+    train = _section(source, raw, "train")
+    for key, value in train.items():
+        if value is not None:
+            train[key] = _int(source, f"train.{key}", value, 0)
 
     debug = _section(source, raw, "debug")
     debug["step_sleep_s"] = _float(source, "debug.step_sleep_s", debug["step_sleep_s"], 0.0)
+    if not isinstance(debug["overflow_steps"], list):
+        raise ConfigError(f"{source}: debug.overflow_steps must be a list of step numbers")
+    debug["overflow_steps"] = [_int(source, "debug.overflow_steps[]", s, 1) for s in debug["overflow_steps"]]
 
     mixer = raw.get("mixer", _TOP_LEVEL["mixer"])
     if not isinstance(mixer, dict) or not isinstance(mixer.get("type", "static"), str):
@@ -504,6 +536,7 @@ def validate_run_config(raw: dict[str, Any], source: str = "config", check_files
         eval=ev,
         checkpoint=ckpt,
         debug=debug,
+        train=train,
         tokenizer=tokenizer,
         output_dir=output_dir,
         seed=seed,
