@@ -111,7 +111,7 @@ def read_latest(load_dir: str) -> str | None:
     try:
         tag = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
-        tag = None
+        tag = "\ufffd"  # not text: reported as garbage below
     if not tag:
         raise CheckpointError(
             f"{path} is empty: expected the name of a checkpoint directory like global_step<N>"

@@ -810,7 +810,7 @@ class Trainer:
 
     def _check_eval_vocab(self) -> None:
         """Collective: the validation samples evaluation will read have token ids < vocab_size."""
-        if "valid" not in self.datasets or int(self.cfg.eval["eval_iters"]) <= 0:
+        if "valid" not in self.datasets or not self.eval_num_samples():
             return
         from megatron_doremi.training.preflight import check_split_vocab
 
