@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_codes.CONFIG_ERROR
     from megatron_doremi.training.divergence import DivergenceError
     from megatron_doremi.training.engine import Trainer
-    from megatron_doremi.training.run_lock import RunLockedError
+    from megatron_doremi.training.run_lock import RunLockedError, release_all
 
     trainer = None
     try:
@@ -74,11 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = exit_codes.OK
     except RunLockedError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        release_all()
         return exit_codes.LOCKED
     except DivergenceError as exc:  # every rank stops at the same step: the teardown below is collective
         print(f"error: {exc}; see {os.path.join(cfg.output_dir, 'diverged.json')}", file=sys.stderr)
         status = exit_codes.DIVERGED
     except (ValueError, OSError) as exc:
+        release_all()  # the other ranks may be anywhere: no collective teardown, just exit
         if args.verbose:
             raise
         print(f"error: {exc}", file=sys.stderr)

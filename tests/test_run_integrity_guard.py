@@ -45,7 +45,7 @@ def _lines(path: Path) -> int:
 
 def test_a_second_run_on_a_live_run_directory_is_refused(data, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = config(data, run_dir, debug={"step_sleep_s": 0.5})
+    cfg = config(data, run_dir, debug={"step_sleep_s": 4.0})  # long enough for the second run to start
     first = subprocess.Popen(train_cmd(cfg, 1), cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
@@ -53,6 +53,7 @@ def test_a_second_run_on_a_live_run_directory_is_refused(data, tmp_path):
         second = run_checked(train_cmd(cfg, 1), 180, ok=False)
         assert second.returncode == exit_codes.LOCKED, second.stderr[-2000:]
         assert f"is in use by another run: host {socket.gethostname()}, pid {first.pid}" in second.stderr
+        assert first.poll() is None  # refused while the first was training
         assert first.wait(timeout=240) == 0, first.stderr.read()[-3000:]
     finally:
         first.kill()
@@ -73,7 +74,8 @@ def test_orphaned_ranks_exit_and_a_rerun_takes_over_their_lock(data, tmp_path):
         _wait_for(lambda: _lines(run_dir / "metrics.jsonl") >= 3, 240, launcher)
         workers = psutil.Process(launcher.pid).children()
         assert len(workers) == 2
-        launcher.send_signal(signal.SIGKILL)  # the launcher only: torchrun's workers have sessions of their own
+        # the launcher only: torchrun's workers have sessions of their own
+        launcher.send_signal(signal.SIGKILL)
         launcher.wait()
         gone, alive = psutil.wait_procs(workers, timeout=30)
         assert not alive, f"orphaned workers still running: {[p.pid for p in alive]}"
@@ -135,7 +137,10 @@ def test_validation_token_ids_above_the_vocabulary_stop_before_training(data, tm
 def test_full_disk_during_a_two_rank_save_is_one_clear_error(data, tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(mnt)]).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(mnt)]).returncode
+    ):
         pytest.skip("needs root to mount a small tmpfs")
     try:
         run_dir = tmp_path / "full"

@@ -32,9 +32,18 @@ from megatron_doremi.atomic_io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOCK_NAME", "RunLock", "RunLockedError", "read_lock"]
+__all__ = [
+    "LOCK_NAME",
+    "RunLock",
+    "RunLockedError",
+    "lock_run_dirs",
+    "read_lock",
+    "release_all",
+    "run_lock_dirs",
+]
 
 LOCK_NAME = ".megatron_doremi.lock"
+_HELD: list[RunLock] = []  # this process's locks, for release_all() on an error path
 
 
 class RunLockedError(RuntimeError):
@@ -201,6 +210,7 @@ class RunLock:
             target=self._heartbeat, name=f"lock-heartbeat:{self.directory}", daemon=True
         )
         self._thread.start()
+        _HELD.append(self)
         return self
 
     def _heartbeat(self) -> None:
@@ -235,12 +245,20 @@ class RunLock:
         except OSError as exc:
             logger.warning("could not remove the lock file %s: %s", self.path, exc)
         self.token = None
+        if self in _HELD:
+            _HELD.remove(self)
 
     def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def release_all() -> None:
+    """Release every lock this process holds (an error path that exits without the normal teardown)."""
+    for lock in list(_HELD):
+        lock.release()
 
 
 def run_lock_dirs(output_dir: str, checkpoint_save: str | None) -> list[str]:
