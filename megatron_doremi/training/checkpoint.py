@@ -323,11 +323,10 @@ def save_checkpoint(
     tag = step_tag(step)
     tag_dir = os.path.join(save_dir, tag)
     failure: str | None = None
+    marker_path = os.path.join(tag_dir, COMPLETE_MARKER)
     try:
-        if rank == 0 and os.path.exists(os.path.join(tag_dir, COMPLETE_MARKER)):
-            os.unlink(
-                os.path.join(tag_dir, COMPLETE_MARKER)
-            )  # re-saving a step: never a marker over new files
+        if rank == 0 and os.path.exists(marker_path):
+            os.unlink(marker_path)  # re-saving a step: never an old marker over new files
         os.makedirs(tag_dir, exist_ok=True)
         torch.save(rng_state(), os.path.join(tag_dir, f"rng_state_rank{rank}.pt"))
         if rank == 0:
@@ -348,19 +347,19 @@ def save_checkpoint(
             try:
                 marker = {"tag": tag, "step": step, "world_size": world_size, "time": time.time()}
                 marker["files"] = _tag_files(tag_dir)
-                atomic_write_text(os.path.join(tag_dir, COMPLETE_MARKER), json.dumps(marker, indent=1) + "\n")
+                atomic_write_text(marker_path, json.dumps(marker, indent=1) + "\n")
                 atomic_write_text(os.path.join(save_dir, "latest"), tag)
             except Exception as exc:  # noqa: BLE001
                 failure = _describe_failure(exc, save_dir, rank)
         failures = agree_failures(failure, device)
     if failures:
-        if rank == 0:
-            shutil.rmtree(tag_dir, ignore_errors=True)
-        barrier()
         try:
             previous = read_latest(save_dir)
         except CheckpointError:
             previous = None
+        if rank == 0 and previous != tag:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        barrier()
         kept = f"latest still names {previous}" if previous else "there is no earlier complete checkpoint"
         raise CheckpointError(
             f"saving checkpoint {tag_dir} failed: {'; '.join(failures)}; the incomplete directory was removed "

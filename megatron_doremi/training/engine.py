@@ -52,7 +52,7 @@ from megatron_doremi.training.config import ConfigError, RunConfig
 from megatron_doremi.training.divergence import DivergenceError, DivergenceGuard
 from megatron_doremi.training.ds_config import resolve_deepspeed_config, zero_stage
 from megatron_doremi.training.evaluation import evaluate_domains
-from megatron_doremi.training.lr_schedule import make_lr_scheduler, restore_lr, schedule_fn
+from megatron_doremi.training.lr_schedule import make_lr_scheduler, restore_lr
 from megatron_doremi.training.metrics import (
     JsonlLog,
     TensorBoard,
@@ -225,7 +225,6 @@ class Trainer:
             lr_scheduler=make_lr_scheduler(cfg.schedule),
         )
         self.engine = engine
-        self.lr_fn = schedule_fn(cfg.schedule)
         precision = (
             "bf16"
             if self.ds_config["bf16"]["enabled"]
