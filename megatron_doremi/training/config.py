@@ -18,19 +18,26 @@ Layout (every section optional except ``model``, ``data`` and ``schedule``; defa
                    "warmup_iters", "lr_decay_style": "cosine"|"linear"|"constant", "lr_decay_iters": null},
       "eval": {"eval_interval": 0, "eval_iters": 1, "micro_batch_size": null},
       "checkpoint": {"save": null, "save_interval": 0, "load": null, "export_hf": null,
-                     "exit_duration_mins": null, "exit_signals": ["SIGTERM", "SIGUSR1"]},
+                     "exit_duration_mins": null, "exit_signals": ["SIGTERM", "SIGUSR1"],
+                     "keep_last": null, "restart": false},
+      "train": {"max_consecutive_skipped_steps": 20, "max_skipped_steps": null,       # divergence limits
+                "max_consecutive_nonfinite_steps": 3, "max_nonfinite_steps": null},  # (training/divergence.py)
       "tracking": {"tensorboard": false, "wandb": null | {...}, "mlflow": null | {...}, "group": null,
                    "name": null},
       "health": {"peak_tflops": null},        # the accelerator's dense bf16 peak; null = the built-in table
       "output_dir": "runs/run", "seed": 1234, "deepspeed_config": "examples/ds_configs/zero3.json",
       "log_interval": 1, "progress_bar": true, "tensorboard": false, "activation_checkpointing": false,
-      "debug": {"dump_samples": false, "dump_mixer": false, "step_sleep_s": 0, "save_sleep_s": 0}
+      "debug": {"dump_samples": false, "dump_mixer": false, "step_sleep_s": 0, "save_sleep_s": 0,
+                "overflow_steps": []}
     }
 
 ``debug`` holds test aids: per-rank sample hashes, per-rank mixer weights every step (exact hex floats), a pause
-after every step, a pause at the start of every checkpoint save (its tag directory already exists).
+after every step, a pause at the start of every checkpoint save (its tag directory already exists), steps whose
+gradient is made non-finite (DeepSpeed skips them like fp16 overflows).
 ``checkpoint.exit_signals`` / ``exit_duration_mins``: see :mod:`.signals`; ``tracking``: :mod:`.tracking` (the
 top-level ``tensorboard`` is an alias of ``tracking.tensorboard``); ``health``: :mod:`.health`.
+``checkpoint.keep_last`` keeps only the N newest complete checkpoints; ``checkpoint.restart`` starts over even
+when checkpoints exist (they are moved aside; a one-off ``--set``, not a config-file setting).
 A ``doremi`` mixer's keys are checked here (``mixer.step_size`` must be finite and > 0, ...); with
 ``check_files`` its reference checkpoint is checked too (exists, same vocabulary, architecture and domains as this
 run: :func:`megatron_doremi.training.reference.check_reference`), all before any process group exists.
@@ -109,10 +116,24 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "export_hf": None,
         "exit_duration_mins": None,
         "exit_signals": ["SIGTERM", "SIGUSR1"],
+        "keep_last": None,
+        "restart": False,
+    },
+    "train": {
+        "max_consecutive_skipped_steps": 20,
+        "max_skipped_steps": None,
+        "max_consecutive_nonfinite_steps": 3,
+        "max_nonfinite_steps": None,
     },
     "tracking": {"tensorboard": False, "wandb": None, "mlflow": None, "group": None, "name": None},
     "health": {"peak_tflops": None},
-    "debug": {"dump_samples": False, "dump_mixer": False, "step_sleep_s": 0.0, "save_sleep_s": 0.0},
+    "debug": {
+        "dump_samples": False,
+        "dump_mixer": False,
+        "step_sleep_s": 0.0,
+        "save_sleep_s": 0.0,
+        "overflow_steps": [],
+    },
 }
 
 
@@ -218,6 +239,7 @@ class RunConfig:
     debug: dict[str, Any] = field(default_factory=dict)
     tracking: dict[str, Any] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
     output_dir: str = "runs/run"
     seed: int = 1234
@@ -270,6 +292,7 @@ class RunConfig:
             "debug": self.debug,
             "tracking": self.tracking,
             "health": self.health,
+            "train": self.train,
             "output_dir": self.output_dir,
             "seed": self.seed,
             "deepspeed_config": self.deepspeed_config,
@@ -530,10 +553,22 @@ def validate_run_config(raw: dict[str, Any], source: str = "config", check_files
     from megatron_doremi.training.signals import validate_exit_options
 
     validate_exit_options(source, ckpt)
+    if ckpt["keep_last"] is not None:
+        ckpt["keep_last"] = _int(source, "checkpoint.keep_last", ckpt["keep_last"], 1)
+    if not isinstance(ckpt["restart"], bool):
+        raise ConfigError(f"{source}: checkpoint.restart must be true or false, got {ckpt['restart']!r}")
+
+    train = _section(source, raw, "train")
+    for key, value in train.items():
+        if value is not None:
+            train[key] = _int(source, f"train.{key}", value, 0)
 
     debug = _section(source, raw, "debug")
     debug["step_sleep_s"] = _float(source, "debug.step_sleep_s", debug["step_sleep_s"], 0.0)
     debug["save_sleep_s"] = _float(source, "debug.save_sleep_s", debug["save_sleep_s"], 0.0)
+    if not isinstance(debug["overflow_steps"], list):
+        raise ConfigError(f"{source}: debug.overflow_steps must be a list of step numbers")
+    debug["overflow_steps"] = [_int(source, "debug.overflow_steps[]", s, 1) for s in debug["overflow_steps"]]
     health = _section(source, raw, "health")
     if health["peak_tflops"] is not None:
         health["peak_tflops"] = _float(source, "health.peak_tflops", health["peak_tflops"], 0.0)
@@ -583,6 +618,7 @@ def validate_run_config(raw: dict[str, Any], source: str = "config", check_files
         debug=debug,
         tracking=tracking,
         health=health,
+        train=train,
         tokenizer=tokenizer,
         output_dir=output_dir,
         seed=seed,

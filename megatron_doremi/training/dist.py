@@ -215,3 +215,22 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return tensor
+
+
+def teardown(engine: object | None = None) -> None:
+    """Collective, once at the end of a run: release DeepSpeed's engine, then destroy the process group.
+
+    Exiting with a live process group leaves its C++ communication threads to static destructors, which on
+    gloo occasionally abort the process after a finished run ("terminate called without an active exception").
+    """
+    import gc
+
+    if engine is not None and hasattr(engine, "destroy"):
+        try:
+            engine.destroy()
+        except Exception as exc:  # noqa: BLE001 - teardown must reach the process group
+            logger.warning("DeepSpeed engine teardown failed: %s", exc)
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

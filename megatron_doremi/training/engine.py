@@ -41,24 +41,39 @@ from megatron_doremi.data.loader import model_inputs
 from megatron_doremi.ops.domain_loss import domain_cross_entropy, domain_token_counts
 from megatron_doremi.training import dist
 from megatron_doremi.training.checkpoint import (
+    CheckpointError,
     atomic_write_text,
+    checkpoint_world_size,
+    find_resume_tag,
     load_checkpoint,
     read_latest,
     save_checkpoint,
 )
 from megatron_doremi.training.config import ConfigError, RunConfig
+from megatron_doremi.training.divergence import DivergenceError, DivergenceGuard
 from megatron_doremi.training.ds_config import resolve_deepspeed_config, zero_stage
 from megatron_doremi.training.evaluation import evaluate_domains
 from megatron_doremi.training.health import HealthMeter
-from megatron_doremi.training.lr_schedule import make_lr_scheduler, schedule_fn
+from megatron_doremi.training.lr_schedule import make_lr_scheduler, restore_lr
 from megatron_doremi.training.metrics import (
     JsonlLog,
     format_duration,
     format_eval_table,
     stderr_is_tty,
 )
+from megatron_doremi.training.reshard import convert_to_universal, fix_universal_load, universal_ds_config
+from megatron_doremi.training.resume_checks import (
+    changed_settings,
+    check_identity,
+    format_value,
+    identity_of_checkpoint,
+    plan_resume,
+    run_identity,
+)
+from megatron_doremi.training.run_lock import lock_run_dirs, run_lock_dirs
 from megatron_doremi.training.signals import ExitGuard
 from megatron_doremi.training.tracking import Trackers
+from megatron_doremi.training.watchdog import watch_launcher
 
 logger = logging.getLogger("megatron_doremi.train")
 
@@ -84,6 +99,19 @@ def setup_logging(rank: int, verbose: bool = False) -> None:
         except Exception:  # noqa: BLE001 - logging only
             pass
         logging.getLogger("torch.distributed").setLevel(logging.WARNING)
+
+
+def _read_json(path: str) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def _float_or_none(x: Any) -> float | None:
+    return None if x is None else float(x)
 
 
 def _sample_hashes(batch: dict[str, torch.Tensor]) -> list[str]:
@@ -120,8 +148,14 @@ class Trainer:
             self.device,
             torch.distributed.get_backend(),
         )
+        self._watchdog = watch_launcher()  # orphaned workers exit when their launcher dies
+        if for_training:  # one writer per run directory (collective; RunLockedError on every rank)
+            self._locks = lock_run_dirs(run_lock_dirs(cfg.output_dir, cfg.checkpoint.get("save")), self.rank)
+        self.guard = DivergenceGuard(cfg.train)
         self._build_data(for_training)
+        self._resume_plan = plan_resume(cfg, self.rank, self.world_size) if for_training else None
         self._build_engine()
+        self.identity = run_identity(cfg, self.mixture, self.hf_config, self.ds_config)
         self.reference = self._build_reference() if for_training else None
         self.step = 0
         self.metrics = self.eval_log = None
@@ -200,14 +234,14 @@ class Trainer:
         self.health = HealthMeter.for_model(
             self.device, self.num_params, self.hf_config, cfg, self.world_size, cfg.health.get("peak_tflops")
         )
+        reshard = self._resume_plan is not None and self._resume_plan.reshard
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=param_groups(model),
-            config=self.ds_config,
+            config=universal_ds_config(self.ds_config) if reshard else self.ds_config,
             lr_scheduler=make_lr_scheduler(cfg.schedule),
         )
         self.engine = engine
-        self.lr_fn = schedule_fn(cfg.schedule)
         precision = (
             "bf16"
             if self.ds_config["bf16"]["enabled"]
@@ -272,6 +306,8 @@ class Trainer:
             "mixer": self.mixer.state_dict(),
             "global_batch_size": self.cfg.global_batch_size,
             "seq_length": self.cfg.seq_length,
+            "identity": self.identity,
+            "divergence": self.guard.state_dict(),
         }
 
     def save(self) -> None:
@@ -292,20 +328,54 @@ class Trainer:
                     "run_config.json": self.cfg.to_dict(),
                     "ds_config.json": self.ds_config,
                 },
+                world_size=self.world_size,
+                device=self.device,
+                keep_last=self.cfg.checkpoint.get("keep_last"),
             )
         self._last_saved = self.step
         logger.info("checkpoint: saved %s/global_step%d in %.1fs", save_dir, self.step, time.time() - t0)
 
     def resume(self, load_dir: str | None = None, tag: str | None = None, module_only: bool = False) -> bool:
-        """Load ``tag`` (default: ``latest``) from ``load_dir`` (default: checkpoint.load); False if none."""
-        load_dir = load_dir or self.cfg.checkpoint.get("load")
-        if not load_dir:
-            return False
-        if tag is None and read_latest(load_dir) is None:
-            logger.info("checkpoint: nothing to resume in %s (no 'latest'); starting from scratch", load_dir)
-            return False
-        client = load_checkpoint(self.engine, load_dir, tag, self.rank, module_only=module_only)
+        """Collective: load a checkpoint; False when there is none.
+
+        Without arguments (training): the checkpoint :func:`plan_resume` chose (``latest``, else the newest
+        complete one). Before anything is loaded, the checkpoint's identity (model, data, mixer, optimizer:
+        :mod:`.resume_checks`) must equal this run's (only the model's for evaluation), and a checkpoint saved by
+        another number of ranks is resharded through DeepSpeed's universal form (training only). Changed
+        settings are logged; the LR is recomputed from the restored scheduler state.
+        """
+        plan = self._resume_plan if load_dir is None and tag is None else None
+        if plan is not None:
+            load_dir, tag = plan.load_dir, plan.tag
+        else:
+            load_dir = load_dir or self.cfg.checkpoint.get("load")
+            if not load_dir or (self.loader is not None and tag is None):
+                return False  # training without a plan: nothing to resume
+            tag = tag or find_resume_tag(load_dir)
+            if tag is None:
+                return False
+        tag_dir = os.path.join(load_dir, tag)
+        saved_client = _read_json(os.path.join(tag_dir, "trainer_state.json")) or {}
+        saved = identity_of_checkpoint(tag_dir, saved_client)
+        if self.loader is None:  # evaluation: only the model must match
+            saved = {k: v for k, v in saved.items() if k.startswith("model.")}
+        check_identity(saved, self.identity, tag_dir)
+        engine_tag = None
+        saved_world = checkpoint_world_size(tag_dir)
+        if plan is not None and plan.reshard:
+            engine_tag = self._universal_tag(tag_dir, tag, saved_world)
+        elif saved_world not in (None, self.world_size) and zero_stage(self.ds_config) > 0:
+            raise CheckpointError(
+                f"{tag_dir} was saved by {saved_world} data-parallel ranks and this process group has "
+                f"{self.world_size}: evaluate it with {saved_world} ranks, or export it (tools/export_hf.py) "
+                "and evaluate the export (training runs reshard automatically)"
+            )
+        client = load_checkpoint(
+            self.engine, load_dir, tag, self.rank, module_only=module_only, engine_tag=engine_tag
+        )
         assert client is not None
+        if engine_tag is not None:
+            fix_universal_load(self.engine.optimizer, os.path.join(load_dir, engine_tag))
         if client.get("domain_names") not in (None, self.names):
             raise ConfigError(
                 f"checkpoint {load_dir} is for domains {client['domain_names']}, this run has {self.names}"
@@ -316,13 +386,60 @@ class Trainer:
                 self.loader.load_state_dict(client["loader"])
             if client.get("mixer") is not None:
                 self.mixer.load_state_dict(client["mixer"])
-            # the restored scheduler's own value (base * lambda, which can differ from lr_fn by one ulp)
-            sched = getattr(self.engine, "lr_scheduler", None)
-            last = sched.get_last_lr() if sched is not None else None
-            for i, group in enumerate(self.engine.optimizer.param_groups):
-                group["lr"] = last[i] if last else self.lr_fn(self.step)
+            self.guard.load_state_dict(client.get("divergence"))
+            restore_lr(self.engine.lr_scheduler, self.cfg.schedule)
+            self._last_saved = self.step
+            if self.loader is not None:
+                self._log_changes(tag_dir)
         logger.info("checkpoint: resumed from %s/%s at step %d", load_dir, client["tag"], self.step)
         return True
+
+    def _universal_tag(self, tag_dir: str, tag: str, saved_world: int | None) -> str:
+        """Collective: rank 0 writes the universal form of ``tag_dir`` (once); returns the tag DeepSpeed reads."""
+        from megatron_doremi.training.checkpoint import agree_failures
+
+        if self.rank == 0:
+            logger.warning(
+                "checkpoint: %s was saved by %s ranks, this run has %d: resharding it through DeepSpeed's "
+                "universal checkpoint (%s/universal)",
+                tag_dir,
+                saved_world,
+                self.world_size,
+                tag_dir,
+            )
+        failure = None
+        if self.rank == 0:
+            try:
+                convert_to_universal(tag_dir)
+            except Exception as exc:  # noqa: BLE001 - every rank must stop
+                failure = f"{type(exc).__name__}: {exc}"
+        failures = agree_failures(failure, self.device)
+        if failures:
+            raise CheckpointError(f"{tag_dir}: converting to a universal checkpoint failed: {failures[0]}")
+        return f"{tag}/universal"
+
+    def _log_changes(self, tag_dir: str) -> None:
+        """Log the settings that differ from the checkpoint's run (allowed: they were not in its identity)."""
+        if self.rank != 0:
+            return
+        saved = {
+            "run": _read_json(os.path.join(tag_dir, "run_config.json")) or {},
+            "deepspeed": _read_json(os.path.join(tag_dir, "ds_config.json")) or {},
+        }
+        now = {"run": self.cfg.to_dict(), "deepspeed": self.ds_config}
+        changes = changed_settings(saved, now)
+        if changes:
+            logger.info(
+                "resume: %d setting(s) differ from the checkpoint's run (allowed to change):\n  %s",
+                len(changes),
+                "\n  ".join(f"{k}: {format_value(a)} -> {format_value(b)}" for k, a, b in changes),
+            )
+        if self.step > self.cfg.train_iters:
+            logger.warning(
+                "schedule.train_iters (%d) is below the checkpoint's step (%d): nothing to train",
+                self.cfg.train_iters,
+                self.step,
+            )
 
     # ---- one step ------------------------------------------------------------------------------------------
 
@@ -379,7 +496,10 @@ class Trainer:
                 loss_scale_per_domain=scale,
                 normalizer=normalizer,
             )
-            engine.backward(out.loss)
+            loss = out.loss
+            if self.step + 1 in self.cfg.debug.get("overflow_steps", ()):  # test aid: an fp16-style overflow
+                loss = loss * float("inf")
+            engine.backward(loss)
             engine.step()
             stats[0] += out.domain_loss_sum
             stats[1] += out.domain_excess_sum
@@ -389,12 +509,21 @@ class Trainer:
         self.step += 1
         grad_norm = engine.get_global_grad_norm()
         stats_np = stats.cpu().numpy()
-        if self.mixer.observe(
+        loss_sum, token_count = stats_np[0], stats_np[2]
+        n_tokens = float(token_count.sum())
+        applied = bool(engine.was_step_applied())  # False: DeepSpeed skipped it (overflow / non-finite grad)
+        diverged = None
+        try:
+            bad = self.guard.update(
+                self.step, applied, float(loss_sum.sum() / max(n_tokens, 1.0)), _float_or_none(grad_norm)
+            )
+        except DivergenceError as exc:
+            diverged, bad = exc, True
+        # the mixer ignores the statistics of skipped / non-finite steps
+        if not bad and self.mixer.observe(
             self.step, {"loss_sum": stats_np[0], "excess_sum": stats_np[1], "token_count": stats_np[2]}
         ):
             self.loader.set_weights(self.mixer.sampling_weights())
-        loss_sum, token_count = stats_np[0], stats_np[2]
-        n_tokens = float(token_count.sum())
         step_time = time.time() - t0
         tokens = self.cfg.global_batch_size * self.cfg.seq_length
         mixer_log = self.mixer.log_dict()
@@ -407,7 +536,8 @@ class Trainer:
             },
             "domain_tokens": {n: int(c) for n, c in zip(self.names, token_count)},
             "lr": lr,
-            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "grad_norm": _float_or_none(grad_norm),
+            "skipped": not applied,
             "tokens_per_s": tokens / step_time,
             "step_time_s": step_time,
             "data_time_s": t_data,
@@ -422,6 +552,9 @@ class Trainer:
             record["loss_multipliers"] = {n: float(m) for n, m in zip(self.names, mult)}
         if "domain_weights" in mixer_log:  # the mixer's own weights (DoReMi: α_t) took the key
             record["sampling_weights"] = {n: float(w) for n, w in zip(self.names, weights)}
+        if diverged is not None:
+            diverged.metrics = record
+            raise diverged
         self._after_step()
         return record
 
@@ -591,6 +724,8 @@ class Trainer:
             self.tracker = Trackers.open(
                 self.cfg.tracking, out, self.rank, resumed, self.step, self.cfg.to_dict()
             )
+            if os.path.exists(os.path.join(out, "diverged.json")):  # an earlier attempt's; this one may not
+                os.unlink(os.path.join(out, "diverged.json"))
         for flag, name in (("dump_samples", "samples"), ("dump_mixer", "mixer")):
             if self.cfg.debug.get(flag):
                 os.makedirs(out, exist_ok=True)
@@ -605,6 +740,7 @@ class Trainer:
         resumed = self.resume()
         self._open_logs(resumed)
         self._open_weights_log(resumed)
+        self._check_eval_vocab()
         total = cfg.train_iters
         save_dir, save_interval = cfg.checkpoint["save"], cfg.checkpoint["save_interval"]
         eval_interval = cfg.eval["eval_interval"]
@@ -616,7 +752,11 @@ class Trainer:
         last: dict[str, Any] = {}
         tokens_seen = 0
         while self.step < total:
-            last = self.train_step()
+            try:
+                last = self.train_step()
+            except DivergenceError as exc:
+                self._stop_diverged(exc)
+                raise
             if cfg.debug["step_sleep_s"]:
                 time.sleep(cfg.debug["step_sleep_s"])
             tokens_seen += cfg.global_batch_size * cfg.seq_length
@@ -669,6 +809,9 @@ class Trainer:
             "world_size": self.world_size,
             "export_hf": export_dir,
             "health": self.health.summary(),
+            "skipped_steps": self.guard.skipped,
+            "nonfinite_steps": self.guard.nonfinite,
+            "diverged": False,
         }
         if self.rank == 0:
             out = cfg.output_dir
@@ -712,6 +855,9 @@ class Trainer:
             "parameters": self.num_params,
             "world_size": self.world_size,
             "health": self.health.summary(),
+            "skipped_steps": self.guard.skipped,
+            "nonfinite_steps": self.guard.nonfinite,
+            "diverged": False,
             "stopped": {"reason": reason, "step": self.step, "checkpoint": f"global_step{self.step}"},
         }
         if self.rank == 0:
@@ -731,6 +877,54 @@ class Trainer:
         dist.barrier()
         self.exit_guard.restore()
         return summary
+
+    def _check_eval_vocab(self) -> None:
+        """Collective: the validation samples evaluation will read have token ids < vocab_size."""
+        if "valid" not in self.datasets or not self.eval_num_samples():
+            return
+        from megatron_doremi.training.preflight import check_split_vocab
+
+        check_split_vocab(
+            self.datasets["valid"],
+            self.names,
+            "valid",
+            self.eval_num_samples(),
+            self.vocab_size,
+            self.rank,
+            self.world_size,
+            self.device,
+        )
+
+    def _stop_diverged(self, exc: DivergenceError) -> None:
+        """Rank 0: log the diverged step's metrics line and write ``diverged.json`` (why, where, counts)."""
+        if self.rank != 0:
+            return
+        from megatron_doremi.atomic_io import atomic_write_json
+
+        metrics = getattr(exc, "metrics", None)
+        if metrics is not None:
+            self.metrics.write(metrics)
+        save_dir = self.cfg.checkpoint.get("save")
+        try:
+            last_checkpoint = read_latest(save_dir) if save_dir else None
+        except CheckpointError:
+            last_checkpoint = None
+        record = {**exc.record, "last_checkpoint": last_checkpoint, "output_dir": self.cfg.output_dir}
+        atomic_write_json(os.path.join(self.cfg.output_dir, "diverged.json"), record)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        logger.error("%s; the run stops (last complete checkpoint: %s)", exc, last_checkpoint)
+
+    def close(self) -> None:
+        """Collective, after :meth:`train` (also after a divergence): release the run locks, stop the
+        launcher watchdog, destroy the DeepSpeed engine and the process group."""
+        for lock in getattr(self, "_locks", None) or []:
+            lock.release()
+        self._locks = []
+        if getattr(self, "_watchdog", None) is not None:
+            self._watchdog.stop()
+        dist.teardown(self.engine)
 
     def _final_report(self, summary: dict[str, Any]) -> None:
         loss = summary["final_train_loss"]
