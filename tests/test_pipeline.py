@@ -387,7 +387,7 @@ def test_pipeline_sbatch_composes_the_launcher(tmp_path):
     cfg.write_text(json.dumps(_pipeline(tmp_path)))
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
            "SLURM_JOB_NODELIST": "node[01-02],gpu7", "SLURM_GPUS_ON_NODE": "4", "RUN_DIR": "runs/job",
-           "PYTHONPATH": str(REPO)}  # fmt: skip
+           "PYTHONPATH": str(REPO), "SLURM_SUBMIT_DIR": str(REPO)}  # fmt: skip
     script = str(REPO / "examples" / "slurm" / "pipeline.sbatch")
 
     def run(**extra):
