@@ -88,6 +88,9 @@ setup(
             "scipy>=1.10",
             "wandb>=0.31",  # the tracker tests run them offline (they skip without)
             "mlflow-skinny>=3.18",
+            "tensorboard>=2.10",
+            "sentencepiece>=0.2",  # the SentencePieceTokenizer preprocessing test
+            "megatron-core>=0.16",  # the Megatron-Core split/index oracles run against the real package
         ],
     },
     ext_modules=ext_modules,
