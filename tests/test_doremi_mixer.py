@@ -127,6 +127,18 @@ def test_nonfinite_stats_skip_the_update(bad, caplog):
     assert m.num_updates == 2 and m.last_update_step == 3
 
 
+@pytest.mark.parametrize("lam", [1e3, 1e15, 1e300, 1.7e308])
+def test_alpha_stays_normalised_for_huge_tied_scores(lam):
+    # two domains tie at a huge λ: z - logsumexp(z) used to lose log α's digits (λ = 1e15 gave Σα = 0.94..1.999)
+    m = DoReMiMixer(["a", "b", "c"], step_size=1.0, smoothing=1e-3)
+    m.observe(1, stats([lam, lam, -lam], [1, 1, 1]))
+    w = m.weights
+    assert np.all(np.isfinite(w)) and abs(math.fsum(w) - 1.0) < 1e-12
+    assert abs(w[0] - w[1]) < 1e-15 and w[2] == pytest.approx(1e-3 / 3, rel=1e-9)
+    m.observe(2, stats([lam, 0.0, 0.0], [1, 1, 1]))  # one domain then dominates: all its mass, still Σα = 1
+    assert abs(math.fsum(m.weights) - 1.0) < 1e-12 and m.weights[0] == pytest.approx(1 - 2e-3 / 3, rel=1e-9)
+
+
 def test_observe_rejects_bad_stats_shape_and_non_increasing_steps():
     m = DoReMiMixer(["a", "b"])
     with pytest.raises(MixerError, match="excess_sum"):

@@ -8,7 +8,7 @@ them (proxy and reference token losses, clipped excess, one all-reduce). The rul
   ``λ_d`` (initially 0). With ``use_reference=False`` (the ``reference: null`` debug mode) ``loss_sum`` replaces
   ``excess_sum``.
 * If ``t`` is an update step (``t > warmup_step``, ``(t - warmup_step) % update_step == 0``, fewer than
-  ``update_times`` updates so far): ``z = log α + η λ``; ``α' = exp(z - logsumexp(z))``; ``α = (1 - ε) α' + ε / D``.
+  ``update_times`` updates so far): ``z = log α + η λ``; ``α' = softmax(z)``; ``α = (1 - ε) α' + ε / D``.
 * ``ᾱ`` = mean of ``α_0 .. α_n`` after ``n`` updates.
 * Loss multipliers for step ``t`` come from ``α_{t-1}``: ``(α_d / s_d) / Σ_e (α_e / s_e)``; the engine normalises by
   ``Σ weight`` over the global batch's tokens. With ``resample=True`` the loss is not reweighted (multipliers 1) and
@@ -231,10 +231,17 @@ class DoReMiMixer(Mixer):
         """One exponentiated-gradient step with smoothing; scalar float64 in a fixed order."""
         k = self.num_domains
         eta, eps = self.step_size, self.smoothing
-        z = [(math.log(a) if a > 0.0 else -math.inf) + eta * lam for a, lam in zip(self._alpha, self._scores)]
+        # softmax(log α + η λ), shifted by max λ first (so η λ cannot overflow) and normalised by the sum rather
+        # than by subtracting a log-sum-exp: with λ ~ 1e15 and tied domains, z - lse loses every digit of log α
+        lam_max = max(self._scores)
+        z = [
+            (math.log(a) if a > 0.0 else -math.inf) + eta * (lam - lam_max)
+            for a, lam in zip(self._alpha, self._scores)
+        ]
         zmax = max(z)  # finite: α has a positive entry and λ is finite
-        lse = zmax + math.log(math.fsum(math.exp(v - zmax) for v in z))
-        new = [(1.0 - eps) * math.exp(v - lse) + eps / k for v in z]
+        unnorm = [math.exp(v - zmax) for v in z]
+        total = math.fsum(unnorm)
+        new = [(1.0 - eps) * (u / total) + eps / k for u in unnorm]
         self._alpha = new
         self._alpha_sum = [acc + a for acc, a in zip(self._alpha_sum, new)]
         self._alpha_count += 1
