@@ -70,6 +70,8 @@ from typing import Any
 from megatron_doremi.atomic_io import atomic_write_json
 from megatron_doremi.json_files import read_json_file
 from megatron_doremi.report import MethodResult
+from megatron_doremi.training import exit_codes
+from megatron_doremi.training.run_lock import RunLock, RunLockedError
 
 __all__ = [
     "CompareEntry",
@@ -131,6 +133,10 @@ class PipelineError(ValueError):
 
 class StepFailed(PipelineError):
     """A training step exited non-zero or left incomplete outputs (the message has the log's tail)."""
+
+
+class StepRequeued(StepFailed):
+    """A step stopped after a complete checkpoint (signal or time limit): rerunning the pipeline resumes it."""
 
 
 @dataclass(frozen=True)
@@ -464,6 +470,12 @@ class _Pipeline:
         self.rounds = int(cfg["rounds"])
         self.ran: list[str] = []
         self.skipped: list[str] = []
+        self.lock: RunLock | None = None
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # -- steps and their configs
 
@@ -513,6 +525,13 @@ class _Pipeline:
             ckpt["export_hf"] = os.path.join(step.dir, "hf")
         cfg["checkpoint"] = ckpt
         cfg["output_dir"] = step.dir
+        if cfg.get("tracking"):  # one tracker group per pipeline, one run per step
+            tracking = dict(cfg["tracking"])
+            tracking["group"] = tracking.get("group") or os.path.basename(
+                os.path.normpath(os.path.abspath(self.out))
+            )
+            tracking["name"] = step.name.replace("/", "-")
+            cfg["tracking"] = tracking
         if step.kind == "proxy":
             opts = copy.deepcopy(self.cfg["proxy"].get("mixer", {}))
             ref = {
@@ -727,10 +746,37 @@ class _Pipeline:
             return False
         return step.kind != "proxy" or os.path.isfile(os.path.join(step.dir, "domain_weights.json"))
 
+    def refuse_diverged(self, step: Step) -> None:
+        """PipelineError when ``step`` left a ``diverged.json`` (a proxy that diverged gives no usable weights)."""
+        path = os.path.join(step.dir, "diverged.json")
+        if os.path.isfile(path):
+            record = _read_json(path)
+            reason = (
+                record.get("reason", "a divergence limit") if isinstance(record, dict) else "see the file"
+            )
+            raise StepFailed(
+                f"step {step.name} diverged ({reason}; {path}): the pipeline does not use its results; fix the "
+                f"run (e.g. a lower lr), delete {step.dir} and rerun"
+            )
+
+    def check_reference_checkpoint(self, ref: Step, proxy: Step, proxy_cfg: Mapping[str, Any]) -> None:
+        """PipelineError when the proxy still has to run but the finished reference's checkpoint is gone."""
+        from megatron_doremi.training.checkpoint import list_checkpoints
+
+        if self.status(proxy, proxy_cfg) == "done":
+            return
+        ckpt = os.path.join(ref.dir, "checkpoints")
+        if not (os.path.isfile(os.path.join(ckpt, "latest")) or list_checkpoints(ckpt)):
+            raise PipelineError(
+                f"the reference run in {ref.dir} finished, but its checkpoint ({ckpt}) was deleted and the proxy "
+                f"needs it: restore it, or delete {ref.dir} to retrain the reference"
+            )
+
     def run_step(self, index: int, total: int, step: Step, cfg: dict[str, Any]) -> None:
         label = f"[{index}/{total}] {step.name}"
         state = self.status(step, cfg)
         if state == "done":
+            self.refuse_diverged(step)
             print(f"{label}: finished earlier, skipped ({step.dir})", flush=True)
             self.skipped.append(step.name)
             return
@@ -744,12 +790,22 @@ class _Pipeline:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         t0 = time.time()
         rc = self.runner(step.name, cmd, log_path, env)
+        if rc == exit_codes.REQUEUE:
+            raise StepRequeued(
+                f"step {step.name} stopped after a checkpoint (signal or time limit); rerun the same command to "
+                f"resume it (finished steps are skipped); log {log_path}"
+            )
         if rc != 0:
             tail = ""
             if os.path.isfile(log_path):
                 with open(log_path, errors="replace") as fh:
                     tail = "".join(fh.readlines()[-15:])
-            raise StepFailed(f"step {step.name} failed (exit status {rc}); log {log_path}:\n{tail}")
+            why = "" if rc == exit_codes.FAILED else f": {exit_codes.describe(rc)}"
+            if rc == exit_codes.DIVERGED:
+                why += f", see {os.path.join(step.dir, 'diverged.json')}"
+                why += "; its weights are not used" if step.kind == "proxy" else ""
+            raise StepFailed(f"step {step.name} failed (exit status {rc}{why}); log {log_path}:\n{tail}")
+        self.refuse_diverged(step)
         if not self.finished(step, cfg):
             raise StepFailed(
                 f"step {step.name} exited 0 but its outputs are incomplete in {step.dir} (train_summary.json with "
@@ -790,6 +846,7 @@ class _Pipeline:
                       f"({launcher})")  # fmt: skip
             return {"output_dir": self.out, "steps": {s.name: s.dir for s in steps}, "domain_names": names}
         os.makedirs(self.out, exist_ok=True)
+        self.lock = RunLock(self.out, what="pipeline").acquire()  # a second pipeline on output_dir is refused
         atomic_write_json(os.path.join(self.out, "pipeline.json"), self.cfg)
         weights = s1
         rounds: list[RoundWeights] = []
@@ -801,7 +858,9 @@ class _Pipeline:
             index += 1
             self.run_step(index, len(steps), ref, self.run_config(ref, weights))
             index += 1
-            self.run_step(index, len(steps), proxy, self.run_config(proxy, weights, reference_dir=ref.dir))
+            proxy_cfg = self.run_config(proxy, weights, reference_dir=ref.dir)
+            self.check_reference_checkpoint(ref, proxy, proxy_cfg)
+            self.run_step(index, len(steps), proxy, proxy_cfg)
             dw = _read_json(os.path.join(proxy.dir, "domain_weights.json"))
             try:
                 avg = {n: float(dw["average"]["weights"][n]) for n in names}
@@ -882,7 +941,10 @@ def run_pipeline(
             f" --set {shlex.quote(o)}" for o in overrides or ()
         )
     pipe = _Pipeline(cfg, source, runner or _subprocess_runner(echo), echo, command)
-    return pipe.run(dry_run=dry_run)
+    try:
+        return pipe.run(dry_run=dry_run)
+    finally:
+        pipe.release_lock()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -903,6 +965,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         run_pipeline(args.config, args.overrides, echo=not args.quiet, dry_run=args.dry_run)
+    except StepRequeued as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return exit_codes.REQUEUE
+    except RunLockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exit_codes.LOCKED
     except StepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
