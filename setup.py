@@ -78,6 +78,7 @@ setup(
         "parquet": ["pyarrow>=12"],
         "regmix": ["lightgbm>=4.0", "scipy>=1.10"],
         "tensorboard": ["tensorboard>=2.10"],
+        "tiktoken": ["tiktoken>=0.7"],  # preprocess --tokenizer-type TikTokenizer
         "wandb": ["wandb>=0.31"],
         "mlflow": ["mlflow-skinny>=3.18"],  # the client: tracking server / file store; full mlflow works too
         "test": [
@@ -90,6 +91,7 @@ setup(
             "mlflow-skinny>=3.18",
             "tensorboard>=2.10",
             "sentencepiece>=0.2",  # the SentencePieceTokenizer preprocessing test
+            "tiktoken>=0.7",  # the TikTokenizer preprocessing test
             "megatron-core>=0.16",  # the Megatron-Core split/index oracles run against the real package
         ],
     },

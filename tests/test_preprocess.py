@@ -519,7 +519,7 @@ def test_gpt2_bpe_and_sentencepiece_tokenizer_types(tok_json, tmp_path, capsys):
     assert "needs --vocab-file and --merge-file" in capsys.readouterr().err
     assert run_main(["--input", str(src), "--tokenizer-type", "TikTokenizer", "--tokenizer-model", tok_json,
                      "--output-prefix", str(tmp_path / "t")]) == 1  # fmt: skip
-    assert "TikTokenizer is not supported" in capsys.readouterr().err
+    assert "needs --tiktoken-pattern v1 or v2" in capsys.readouterr().err
     spm = pytest.importorskip("sentencepiece")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(make_texts(200, seed=1)), encoding="utf-8")

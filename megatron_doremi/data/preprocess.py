@@ -535,6 +535,10 @@ class PreprocessConfig:
     partitions: int = 1
     keep_sequential_samples: bool = False
     log_interval: int | None = None  # print a progress line every N documents instead of the progress bar
+    tiktoken_pattern: str | None = None  # TikTokenizer: "v1" | "v2"
+    vocab_size: int | None = None  # TikTokenizer: total ids (default 2**17, as Megatron)
+    tiktoken_num_special_tokens: int = 1000
+    tiktoken_special_tokens: list[str] | None = None
 
 
 @dataclass
@@ -625,8 +629,14 @@ def _check_config(config: PreprocessConfig) -> None:
 
 def _load(config: PreprocessConfig) -> tuple[LoadedTokenizer, int | None]:
     try:
+        tiktoken = {
+            "pattern": config.tiktoken_pattern,
+            "vocab_size": config.vocab_size,
+            "num_special_tokens": config.tiktoken_num_special_tokens,
+            "special_tokens": config.tiktoken_special_tokens,
+        }
         loaded = load_megatron_tokenizer(
-            config.tokenizer_type, config.tokenizer, config.vocab_file, config.merge_file
+            config.tokenizer_type, config.tokenizer, config.vocab_file, config.merge_file, tiktoken
         )
         eod_id = loaded.eod_id(config.eod_token) if (config.append_eod or config.eod_token) else None
     except TokenizerError as exc:
@@ -841,12 +851,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer-model",
         dest="tokenizer",
         default=None,
-        help="HuggingFaceTokenizer: tokenizer.json or HF tokenizer dir; SentencePieceTokenizer: the .model file",
+        help="HuggingFaceTokenizer: tokenizer.json or HF tokenizer dir; SentencePieceTokenizer: the .model file; "
+        "TikTokenizer: Megatron's vocabulary .json",
     )
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="HuggingFaceTokenizer")
     g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
     g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
     g.add_argument("--vocab-extra-ids", type=int, default=0, help="only 0 is supported")
+    g.add_argument(
+        "--tiktoken-pattern", choices=("v1", "v2"), default=None, help="TikTokenizer: split pattern"
+    )
+    g.add_argument("--vocab-size", type=int, default=None, help="TikTokenizer: total ids (default 131072)")
+    g.add_argument(
+        "--tiktoken-num-special-tokens", type=int, default=1000, help="TikTokenizer: ids before the ranks"
+    )
+    g.add_argument(
+        "--tiktoken-special-tokens",
+        "--tokenizer-special-tokens",
+        dest="tiktoken_special_tokens",
+        nargs="+",
+        default=None,
+        help="TikTokenizer: the first special tokens (default <unk> <s> </s>; </s> is EOD)",
+    )
     g.add_argument(
         "--append-eod", action="store_true", help="append the end-of-document token to each document"
     )
@@ -925,6 +951,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         partitions=args.partitions,
         keep_sequential_samples=args.keep_sequential_samples,
         log_interval=args.log_interval,
+        tiktoken_pattern=args.tiktoken_pattern,
+        vocab_size=args.vocab_size,
+        tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
+        tiktoken_special_tokens=args.tiktoken_special_tokens,
     )
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM cleans temps like Ctrl-C
     try:

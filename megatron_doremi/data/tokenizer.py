@@ -120,10 +120,150 @@ class SentencePieceAdapter:
         pass
 
 
-def tokenizer_from_str(text: str) -> Tokenizer | SentencePieceAdapter:
-    """Inverse of ``to_str()`` for both backends (what worker processes rebuild their tokenizer from)."""
+#: Megatron-LM's tiktoken split patterns (``--tiktoken-pattern v1|v2``)
+TIKTOKEN_PATTERNS = {
+    "v1": r"[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+",
+    "v2": (
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+        r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+        r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
+}
+#: the special tokens Megatron-LM's TikTokenizer puts first when none are given (``</s>`` is its EOD)
+TIKTOKEN_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+
+
+class TikTokenAdapter:
+    """Megatron-LM's ``TikTokenizer`` behind the part of the ``tokenizers.Tokenizer`` API preprocessing uses.
+
+    The vocabulary is Megatron's JSON list ``[{"rank": i, "token_bytes": base64, "token_str": str}, ...]`` (ranks
+    0..255 the single bytes). As in Megatron-LM: ids ``0 .. num_special_tokens-1`` are the special tokens
+    (``special_tokens``, then ``<SPECIAL_k>`` fillers), the first ``vocab_size - num_special_tokens`` ranks follow
+    at ``rank + num_special_tokens``; text is encoded with ``encode_ordinary`` (special-token strings in the text
+    are plain text); EOD is ``</s>``.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        pattern: str | None,
+        vocab_size: int | None = None,
+        num_special_tokens: int = 1000,
+        special_tokens: Sequence[str] | None = None,
+    ) -> None:
+        try:
+            import tiktoken
+        except ImportError:
+            raise TokenizerError(
+                "--tokenizer-type TikTokenizer needs the tiktoken package (pip install tiktoken)"
+            ) from None
+        if pattern not in TIKTOKEN_PATTERNS:
+            raise TokenizerError(
+                f"--tokenizer-type TikTokenizer needs --tiktoken-pattern v1 or v2, got {pattern!r}"
+            )
+        self.path, self.pattern = path, pattern
+        self.vocab_size = int(vocab_size) if vocab_size is not None else 2**17
+        self.num_special_tokens = int(num_special_tokens)
+        specials = list(TIKTOKEN_SPECIAL_TOKENS if special_tokens is None else special_tokens)
+        if len(set(specials)) != len(specials):
+            raise TokenizerError(f"--tiktoken-special-tokens must be distinct, got {specials}")
+        if not set(TIKTOKEN_SPECIAL_TOKENS) <= set(specials):
+            raise TokenizerError(f"--tiktoken-special-tokens must include {list(TIKTOKEN_SPECIAL_TOKENS)}")
+        if not len(specials) <= self.num_special_tokens < self.vocab_size:
+            raise TokenizerError(
+                f"TikTokenizer: need {len(specials)} special tokens <= --tiktoken-num-special-tokens "
+                f"({self.num_special_tokens}) < --vocab-size ({self.vocab_size})"
+            )
+        self.special_tokens = specials + [
+            f"<SPECIAL_{i}>" for i in range(len(specials), self.num_special_tokens)
+        ]
+        ranks = _read_tiktoken_ranks(path, self.vocab_size - self.num_special_tokens)
+        self._specials = {t: i for i, t in enumerate(self.special_tokens)}
+        self.encoding = tiktoken.Encoding(
+            name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "tiktoken",
+            pat_str=TIKTOKEN_PATTERNS[pattern],
+            mergeable_ranks={b: r + self.num_special_tokens for b, r in ranks.items()},
+            special_tokens=self._specials,
+        )
+
+    def encode_batch_fast(self, texts: list[str], add_special_tokens: bool = True) -> list[_Encoding]:
+        return [_Encoding(ids) for ids in self.encoding.encode_ordinary_batch(list(texts), num_threads=1)]
+
+    def get_vocab_size(self, with_added_tokens: bool = True) -> int:
+        return self.vocab_size
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._specials.get(token)
+
+    def to_str(self) -> str:
+        return json.dumps(
+            {"tiktoken": self.path, "pattern": self.pattern, "vocab_size": self.vocab_size,
+             "num_special_tokens": self.num_special_tokens, "special_tokens": self.special_tokens[: self._given()]}
+        )  # fmt: skip
+
+    def _given(self) -> int:
+        return next(
+            (i for i, t in enumerate(self.special_tokens) if t == f"<SPECIAL_{i}>"), len(self.special_tokens)
+        )
+
+    def no_truncation(self) -> None:
+        pass
+
+    def no_padding(self) -> None:
+        pass
+
+
+def _read_tiktoken_ranks(path: str, max_vocab: int) -> dict[bytes, int]:
+    """Megatron's tiktoken vocabulary JSON as ``{token bytes: rank}`` (its first ``max_vocab`` entries)."""
+    import base64
+    import binascii
+
+    if not os.path.isfile(path):
+        raise TokenizerError(f"--tokenizer-model {path}: file not found (a TikTokenizer vocabulary .json)")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            vocab = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"{path}: cannot read as a TikTokenizer vocabulary JSON ({exc})") from None
+    if not isinstance(vocab, list):
+        raise TokenizerError(
+            f"{path}: expected a JSON list of {{rank, token_bytes, token_str}}, got {type(vocab).__name__}"
+        )
+    ranks: dict[bytes, int] = {}
+    for i, entry in enumerate(vocab[:max_vocab]):
+        if (
+            not isinstance(entry, dict)
+            or set(entry) != {"rank", "token_bytes", "token_str"}
+            or entry["rank"] != i
+        ):
+            raise TokenizerError(
+                f"{path}: entry {i}: expected {{'rank': {i}, 'token_bytes': ..., 'token_str': ...}}"
+            )
+        try:
+            token = base64.b64decode(entry["token_bytes"], validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise TokenizerError(f"{path}: entry {i}: token_bytes is not base64") from None
+        if i < 256 and token != bytes([i]):
+            raise TokenizerError(f"{path}: entry {i}: ranks 0..255 must be the single bytes in order")
+        if token in ranks:
+            raise TokenizerError(f"{path}: entry {i}: token bytes {token!r} repeat entry {ranks[token]}")
+        ranks[token] = i
+    return ranks
+
+
+def tokenizer_from_str(text: str) -> Tokenizer | SentencePieceAdapter | TikTokenAdapter:
+    """Inverse of ``to_str()`` for every backend (what worker processes rebuild their tokenizer from)."""
     if text.startswith('{"sentencepiece"'):
         return SentencePieceAdapter(json.loads(text)["sentencepiece"])
+    if text.startswith('{"tiktoken"'):
+        spec = json.loads(text)
+        return TikTokenAdapter(
+            spec["tiktoken"],
+            spec["pattern"],
+            spec["vocab_size"],
+            spec["num_special_tokens"],
+            spec["special_tokens"],
+        )
     return Tokenizer.from_str(text)
 
 
@@ -132,12 +272,15 @@ def load_megatron_tokenizer(
     tokenizer_model: str | None = None,
     vocab_file: str | None = None,
     merge_file: str | None = None,
+    tiktoken: dict | None = None,
 ) -> LoadedTokenizer:
     """A tokenizer named as Megatron's ``--tokenizer-type`` names it (local files only).
 
     HuggingFaceTokenizer: ``tokenizer_model`` (a tokenizer.json or HF directory); GPT2BPETokenizer: GPT-2's
     ``vocab_file`` (vocab.json) and ``merge_file`` (merges.txt), byte-level BPE with ``<|endoftext|>`` as
-    EOD; SentencePieceTokenizer: ``tokenizer_model`` (a ``.model`` file). TikTokenizer is not supported.
+    EOD; SentencePieceTokenizer: ``tokenizer_model`` (a ``.model`` file); TikTokenizer: ``tokenizer_model`` (Megatron's
+    vocabulary .json) and ``tiktoken`` = ``{"pattern", "vocab_size", "num_special_tokens", "special_tokens"}``
+    (:class:`TikTokenAdapter`).
     """
     if tokenizer_type == "HuggingFaceTokenizer":
         if not tokenizer_model:
@@ -174,10 +317,19 @@ def load_megatron_tokenizer(
         adapter = SentencePieceAdapter(tokenizer_model)
         return LoadedTokenizer(adapter, tokenizer_model, adapter.eos_piece())  # type: ignore[arg-type]
     if tokenizer_type == "TikTokenizer":
-        raise TokenizerError(
-            "--tokenizer-type TikTokenizer is not supported (Megatron's tiktoken vocabulary format and special-token "
-            "offsets are not implemented); convert the vocabulary to a HF tokenizer.json and use HuggingFaceTokenizer"
+        if not tokenizer_model:
+            raise TokenizerError(
+                "--tokenizer-type TikTokenizer needs --tokenizer-model (its vocabulary .json)"
+            )
+        opts = dict(tiktoken or {})
+        adapter = TikTokenAdapter(
+            tokenizer_model,
+            opts.get("pattern"),
+            opts.get("vocab_size"),
+            1000 if opts.get("num_special_tokens") is None else opts["num_special_tokens"],
+            opts.get("special_tokens"),
         )
+        return LoadedTokenizer(adapter, tokenizer_model, "</s>")  # type: ignore[arg-type]
     raise TokenizerError(f"--tokenizer-type {tokenizer_type!r}: expected one of {', '.join(TOKENIZER_TYPES)}")
 
 
