@@ -1,0 +1,194 @@
+"""Aioli mixer: the algorithm on a synthetic loss model, restricted mode, state round trip, config errors.
+
+The synthetic "model" has four domains whose held-out losses respond linearly to the trained-on proportions
+(the law Aioli assumes, plus measurement noise): ``noise`` never improves, ``trivial`` is already learned (a
+tiny response), ``markov`` and ``grammar`` are structured and help each other a little.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_doremi.mixers.aioli import AioliMixer, aioli_update, build_aioli_mixer, estimate_mixing_law
+from megatron_doremi.mixers.base import MixerError
+
+NAMES = ("noise", "trivial", "markov", "grammar")
+TRUE_LAW = np.array(
+    [
+        [0.0, 0.0, 0.0, 0.0],  # noise: nothing to learn
+        [0.0, 0.02, 0.0, 0.0],  # trivial: already learned
+        [0.0, 0.0, 1.0, 0.2],  # markov
+        [0.0, 0.0, 0.2, 0.8],  # grammar
+    ]
+)
+
+
+class _Mixture:
+    def __init__(self, names=NAMES, weights=None) -> None:
+        self.names = list(names)
+        self.weights = [1.0 / len(names)] * len(names) if weights is None else list(weights)
+
+    def with_weights(self, w):
+        if isinstance(w, dict):
+            if set(w) != set(self.names):
+                raise ValueError(f"weights must name exactly the domains {self.names}")
+            w = [w[n] for n in self.names]
+        total = float(sum(w))
+        return _Mixture(self.names, [float(x) / total for x in w])
+
+
+def simulate(mixer: AioliMixer, steps: int, seed: int = 0, noise: float = 0.002, rate: float = 0.01):
+    """Run ``steps`` steps of the synthetic model under ``mixer``; returns the sampling weights of every step."""
+    rng = np.random.default_rng(seed)
+    loss = np.array([4.8, 0.1, 3.0, 2.5])
+    trained = []
+    for step in range(steps):
+        if mixer.heldout_request(step):
+            measured = loss + rng.normal(0.0, noise, size=4)
+            mixer.observe_heldout(step, {"loss_sum": measured * 1000.0, "token_count": np.full(4, 1000.0)})
+        w = mixer.sampling_weights()
+        trained.append(w)
+        decay = 1.0 / (1.0 + step / 200.0)  # diminishing returns, as in training
+        loss = loss - rate * decay * TRUE_LAW @ w
+        mixer.observe(step + 1, {})
+    return np.array(trained)
+
+
+def test_estimate_recovers_the_law_from_perturbed_blocks():
+    p = np.array([0.1, 0.2, 0.3, 0.4])
+    f = 0.6
+    q = f * np.eye(4) + (1 - f) * p[:, None]  # columns q_j
+    drop = TRUE_LAW @ q
+    assert np.allclose(estimate_mixing_law(drop, p, f), TRUE_LAW, atol=1e-12)
+
+
+def test_eg_step_moves_toward_domains_whose_columns_lower_the_loss():
+    p = np.full(4, 0.25)
+    new, used = aioli_update(p, TRUE_LAW, eta=0.5)
+    assert np.abs(used).max() == pytest.approx(1.0)  # normalised by the largest entry
+    assert new[2] > new[3] > new[1] > new[0] - 1e-12 and new.sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_proportions_move_toward_the_structured_domains(seed):
+    mixer = AioliMixer(NAMES, lp_rounds=2, lp_steps=2, update_steps=16, eta=0.5, seed=seed)
+    assert mixer.round_steps == 2 * 4 * 2 + 16
+    simulate(mixer, 10 * mixer.round_steps, seed=seed)
+    p = mixer.weights
+    assert mixer.num_updates == 10
+    assert p[2] + p[3] > 0.85, p  # from 0.5 at the start
+    assert min(p[2], p[3]) > max(p[0], p[1]) + 0.15, p
+
+
+def test_schedule_perturbs_every_domain_once_per_sweep_then_trains_on_p():
+    mixer = AioliMixer(NAMES, lp_rounds=2, lp_steps=3, update_steps=5, one_hot_factor=0.5, prior_steps=4)
+    trained = simulate(mixer, 4 + 2 * mixer.round_steps)
+    assert np.array_equal(trained[:4], np.full((4, 4), 0.25))  # prior phase
+    starts = [mixer.heldout_request(s) for s in range(4 + mixer.round_steps + 1)]
+    assert [s for s, x in enumerate(starts) if x] == [4 + 3 * b for b in range(9)] + [4 + 29]
+    for sweep in range(2):
+        peaks = {int(np.argmax(trained[4 + 3 * (4 * sweep + k)])) for k in range(4)}
+        assert peaks == {0, 1, 2, 3}  # each domain once per sweep
+    first = trained[4 + 24 : 4 + 29]  # the update part of round 0: p after one EG step
+    assert np.array_equal(first, np.tile(first[0], (5, 1))) and not np.allclose(first[0], 0.25)
+
+
+def test_update_steps_zero_chains_rounds_on_one_measurement():
+    mixer = AioliMixer(NAMES, lp_rounds=1, lp_steps=1, update_steps=0)
+    trained = simulate(mixer, 13)
+    assert mixer.num_updates == 3  # at steps 4, 8, 12: each the end of one round and the start of the next
+    assert mixer.updated_at == 12
+    assert all(np.max(w) > 0.75 for w in trained)  # every step is a perturbed one
+
+
+def test_restricted_mode_starts_exactly_at_the_prior(tmp_path: Path):
+    from megatron_doremi.mixers.weights_io import write_domain_weights_json
+
+    prior = [0.4, 0.3, 0.2, 0.1]
+    path = tmp_path / "domain_weights.json"
+    write_domain_weights_json(path, NAMES, prior, [0.25] * 4)
+    mixer = build_aioli_mixer({"type": "aioli", "prior_weights": str(path), "prior_steps": 6}, _Mixture())
+    assert mixer.restricted
+    expected = np.array(prior) / np.sum(prior)
+    trained = simulate(mixer, 6 + mixer.round_steps)
+    assert np.array_equal(trained[:6], np.tile(expected, (6, 1)))  # exactly the prior, bit for bit
+    assert np.array_equal(mixer.initial_weights, expected)
+    assert not any(mixer.heldout_request(s) for s in range(6)) and mixer.heldout_request(6)
+    assert mixer.num_updates == 1 and not np.allclose(mixer.weights, expected)  # then corrected online
+
+
+def test_state_round_trip_continues_bit_identically():
+    kw = {"lp_rounds": 1, "lp_steps": 2, "update_steps": 3, "ema": 0.5}
+    ref = AioliMixer(NAMES, **kw)
+    simulate(ref, 60, seed=4)
+    a = AioliMixer(NAMES, **kw)
+    # run 27 steps (inside a perturbed block), save through JSON, continue in a fresh mixer with the same synthetic losses
+    rng = np.random.default_rng(4)
+    loss = np.array([4.8, 0.1, 3.0, 2.5])
+    b = a
+    for step in range(60):
+        if step == 27:
+            state = json.loads(json.dumps(a.state_dict()))
+            b = AioliMixer(NAMES, **kw)
+            b.load_state_dict(state)
+            assert b.state_dict() == a.state_dict()
+        if b.heldout_request(step):
+            measured = loss + rng.normal(0.0, 0.002, size=4)
+            b.observe_heldout(step, {"loss_sum": measured * 1000.0, "token_count": np.full(4, 1000.0)})
+        w = b.sampling_weights()
+        loss = loss - 0.01 / (1.0 + step / 200.0) * TRUE_LAW @ w
+        b.observe(step + 1, {})
+    assert b.state_dict() == ref.state_dict()
+    assert b.num_updates == ref.num_updates == 5  # rounds of 11 steps: updates at 8, 19, 30, 41, 52
+
+
+def test_state_of_other_domains_or_types_is_rejected():
+    state = AioliMixer(NAMES).state_dict()
+    with pytest.raises(MixerError, match="domains"):
+        AioliMixer(NAMES[:3]).load_state_dict(state)
+    with pytest.raises(MixerError, match="not 'aioli'"):
+        AioliMixer(NAMES).load_state_dict({**state, "type": "odm"})
+    with pytest.raises(MixerError, match="'drop'"):
+        AioliMixer(NAMES).load_state_dict({**state, "drop": ["x"] * 16})
+
+
+def test_missing_heldout_tokens_is_a_clear_error():
+    mixer = AioliMixer(NAMES)
+    with pytest.raises(MixerError, match=r"no held-out tokens for domain\(s\) \['trivial'\]"):
+        mixer.observe_heldout(0, {"loss_sum": np.ones(4), "token_count": np.array([1.0, 0.0, 1.0, 1.0])})
+    with pytest.raises(MixerError, match="no block boundary"):
+        mixer.observe_heldout(1, {"loss_sum": np.ones(4), "token_count": np.ones(4)})
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ({"lp_step": 2}, r"unknown key\(s\) \['lp_step'\]"),
+        ({"lp_rounds": 0}, "lp_rounds must be an integer >= 1"),
+        ({"lp_steps": 1.5}, "lp_steps must be an integer >= 1"),
+        ({"update_steps": -1}, "update_steps must be an integer >= 0"),
+        ({"eta": 0}, r"eta must be a number in \(0.0, inf\)"),
+        ({"ema": 1.0}, r"ema must be a number in \[0.0, 1.0\)"),
+        ({"one_hot_factor": 0.0}, r"one_hot_factor must be a number in \(0.0, 1.0\]"),
+        ({"one_hot_factor": 1.5}, "one_hot_factor"),
+        ({"normalize": "yes"}, "normalize must be true or false"),
+        ({"heldout_samples": 0}, "heldout_samples must be an integer >= 1"),
+        ({"prior_weights": [1, 1, 1, 1], "initial_weights": "mixture"}, "either prior_weights"),
+        ({"prior_weights": {"noise": 1.0}}, "mixer.prior_weights: weights must name exactly"),
+        ({"prior_weights": "/nonexistent/domain_weights.json"}, "mixer.prior_weights"),
+        ({"initial_weights": "reference"}, "mixer.initial_weights: expected null"),
+    ],
+)
+def test_bad_options_are_clear_errors(spec, needle):
+    with pytest.raises(MixerError, match=needle):
+        build_aioli_mixer({"type": "aioli", **spec}, _Mixture())
+
+
+def test_registered_in_the_mixer_factory():
+    from megatron_doremi.training.mixer_factory import MIXER_BUILDERS
+
+    assert "aioli" in MIXER_BUILDERS
