@@ -583,6 +583,10 @@ def validate_run_config(raw: dict[str, Any], source: str = "config", check_files
     mixer = {"type": "static", **mixer}
     if mixer["type"] == "doremi":
         mixer = _validate_doremi(source, mixer)
+    if mixer["type"] == "aioli":  # learns from held-out losses while changing the blend
+        from megatron_doremi.training.mixer_eval import check_heldout_config
+
+        check_heldout_config(source, data, mixer)
     if mix is not None:
         _check_mixer_with_data(source, mixer, mix, model, sched["seq_length"], raw.get("tokenizer"))
 
