@@ -8,6 +8,7 @@ tiny response), ``markov`` and ``grammar`` are structured and help each other a 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +193,112 @@ def test_registered_in_the_mixer_factory():
     from megatron_doremi.training.mixer_factory import MIXER_BUILDERS
 
     assert "aioli" in MIXER_BUILDERS
+
+
+# ---- in the real trainer (CPU, DeepSpeed; slow) ------------------------------------------------------------------
+
+TRAIN_STEPS = 24
+AIOLI_SPEC = {"type": "aioli", "lp_rounds": 1, "lp_steps": 2, "update_steps": 4, "heldout_samples": 16}
+
+
+def _train_config(mixture: Path, run_dir: Path, **extra) -> dict:
+    from tests.test_doremi_train import base_config
+
+    cfg = base_config(mixture, mixer=dict(AIOLI_SPEC), output_dir=str(run_dir))
+    cfg["schedule"]["train_iters"] = TRAIN_STEPS
+    cfg["eval"] = {"eval_iters": 0}
+    cfg.update(extra)
+    return cfg
+
+
+def _weights_log(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in open(run_dir / "aioli_weights.jsonl")]
+    return [{k: v for k, v in r.items() if k != "timestamp"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> dict:
+    """Synthetic shards and one uninterrupted single-rank aioli run with checkpoints."""
+    from tests.test_doremi_train import _train, _write, write_synthetic
+
+    root = tmp_path_factory.mktemp("aioli")
+    mixture = write_synthetic(root)
+    run_dir = root / "full"
+    cfg = _train_config(mixture, run_dir, checkpoint={"save": str(run_dir / "ckpt"), "save_interval": 6})
+    _train(_write(root / "full.json", cfg))
+    return {"root": root, "mixture": mixture, "full": run_dir}
+
+
+@pytest.mark.slow
+def test_trainer_run_logs_aioli_weights_and_domain_weights(synthetic):
+    run_dir = synthetic["full"]
+    rows = _weights_log(run_dir)
+    assert [r["step"] for r in rows] == [0, 8, 20]  # p_0, then the end of each round's perturbed sweep
+    assert rows[0]["domain_weights"] == [0.25] * 4
+    assert all(len(r["mixing_law"]) == 4 for r in rows[1:]) and rows[1]["heldout_loss"] is not None
+    assert np.abs(np.array(rows[-1]["domain_weights"]) - 0.25).max() > 0.01  # the proportions moved
+    done = json.loads((run_dir / "domain_weights.json").read_text())
+    assert done["mixer"] == "aioli" and done["num_updates"] == 2
+    assert list(done["final"]["weights"].values()) == rows[-1]["domain_weights"]
+    assert (run_dir / "domain_weights.png").exists()
+    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    first_block = metrics[0]["domain_weights"]  # step 1 trains on a perturbed mixture (f = 0.75)
+    assert max(first_block.values()) == pytest.approx(0.75 + 0.25 * 0.25)
+
+
+@pytest.mark.slow
+def test_two_ranks_compute_bit_identical_aioli_weights(synthetic, tmp_path):
+    from tests.test_doremi_train import DS, _mixer_dumps, _train, _write
+
+    run_dir = tmp_path / "two"
+    cfg = _train_config(synthetic["mixture"], run_dir, debug={"dump_mixer": True},
+                        deepspeed_config=str(DS / "zero3.json"))  # fmt: skip
+    cfg["schedule"]["micro_batch_size"] = 8
+    _train(_write(tmp_path / "two.json", cfg), ranks=2)
+    r0, r1 = _mixer_dumps(run_dir, 0), _mixer_dumps(run_dir, 1)
+    assert sorted(r0) == sorted(r1) == list(range(1, TRAIN_STEPS + 1))
+    for step in r0:
+        assert r0[step] == r1[step], f"ranks differ at step {step}"  # hex floats: bit-identical
+    rows = _weights_log(run_dir)
+    assert [r["step"] for r in rows] == [0, 8, 20]
+    assert [float.fromhex(h) for h in r0[TRAIN_STEPS]["proportions"]] == rows[-1]["domain_weights"]
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_reproduce_the_weights_log_exactly(synthetic, tmp_path):
+    from tests.conftest import sigkill_when
+    from tests.test_doremi_train import REPO, _train, _write
+
+    run_dir = tmp_path / "killed"
+    ckpt = {"save": str(run_dir / "ckpt"), "load": str(run_dir / "ckpt"), "save_interval": 6}
+    cfg_path = _write(tmp_path / "killed.json", _train_config(synthetic["mixture"], run_dir, checkpoint=ckpt,
+                                                              debug={"step_sleep_s": 0.3}))  # fmt: skip
+    cmd = [sys.executable, "-m", "megatron_doremi.train", "--config", str(cfg_path)]
+    latest = run_dir / "ckpt" / "latest"
+    sigkill_when(cmd, lambda: latest.exists() and latest.read_text() == "global_step18", 240, cwd=REPO)
+    assert (run_dir / "ckpt" / "latest").read_text() == "global_step18"  # inside round 1's perturbed sweep
+    _write(cfg_path, _train_config(synthetic["mixture"], run_dir, checkpoint=ckpt))
+    out = _train(cfg_path)
+    assert "resumed from" in out.stderr
+    assert _weights_log(run_dir) == _weights_log(synthetic["full"])  # bit-identical, no duplicated steps
+    done = json.loads((run_dir / "domain_weights.json").read_text())
+    ref = json.loads((synthetic["full"] / "domain_weights.json").read_text())
+    assert done["average"] == ref["average"] and done["final"] == ref["final"]
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"split": "100,0,0"}, "needs held-out data, but data.split '100,0,0' has no validation part"),
+        ({"blend_mode": "exact"}, 'data.blend_mode "exact" supports fixed weights only'),
+    ],
+)
+def test_aioli_config_without_heldout_data_is_a_config_error(tmp_path, data, needle):
+    from megatron_doremi.training.config import ConfigError, validate_run_config
+    from tests.test_doremi_train import write_synthetic
+
+    mixture = write_synthetic(tmp_path, docs=4, doc_len=20)
+    cfg = _train_config(mixture, tmp_path / "run")
+    cfg["data"].update(data)
+    with pytest.raises(ConfigError, match=needle):
+        validate_run_config(cfg, "run.json")
