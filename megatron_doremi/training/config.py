@@ -14,6 +14,7 @@ Layout (every section optional except ``model``, ``data`` and ``schedule``; defa
                   "step_size": 1.0, "smoothing": 1e-3, "reference_weights": null, "initial_weights": null,
                   "warmup_step": 0, "update_step": 1, "update_times": null, "resample": false}
                | {"type": "odm", ...}                    # see docs/doremi.md and mixers/odm.py
+               | {"type": "aioli", ...}                  # needs held-out data; docs/mixers.md, mixers/aioli.py
       "schedule": {"seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr",
                    "warmup_iters", "lr_decay_style": "cosine"|"linear"|"constant", "lr_decay_iters": null},
       "eval": {"eval_interval": 0, "eval_iters": 1, "micro_batch_size": null},
