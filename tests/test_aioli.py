@@ -169,15 +169,15 @@ def test_missing_heldout_tokens_is_a_clear_error():
     ("spec", "needle"),
     [
         ({"lp_step": 2}, r"unknown key\(s\) \['lp_step'\]"),
-        ({"lp_rounds": 0}, "lp_rounds must be an integer >= 1"),
-        ({"lp_steps": 1.5}, "lp_steps must be an integer >= 1"),
-        ({"update_steps": -1}, "update_steps must be an integer >= 0"),
-        ({"eta": 0}, r"eta must be a number in \(0.0, inf\)"),
-        ({"ema": 1.0}, r"ema must be a number in \[0.0, 1.0\)"),
-        ({"one_hot_factor": 0.0}, r"one_hot_factor must be a number in \(0.0, 1.0\]"),
+        ({"lp_rounds": 0}, r"mixer.lp_rounds \(aioli\): must be an integer >= 1"),
+        ({"lp_steps": 1.5}, r"mixer.lp_steps \(aioli\): must be an integer >= 1"),
+        ({"update_steps": -1}, r"mixer.update_steps \(aioli\): must be an integer >= 0"),
+        ({"eta": 0}, r"mixer.eta \(aioli\): must be a number in \(0.0, inf\)"),
+        ({"ema": 1.0}, r"mixer.ema \(aioli\): must be a number in \[0.0, 1.0\)"),
+        ({"one_hot_factor": 0.0}, r"mixer.one_hot_factor \(aioli\): must be a number in \(0.0, 1.0\]"),
         ({"one_hot_factor": 1.5}, "one_hot_factor"),
-        ({"normalize": "yes"}, "normalize must be true or false"),
-        ({"heldout_samples": 0}, "heldout_samples must be an integer >= 1"),
+        ({"normalize": "yes"}, r"mixer.normalize \(aioli\): must be true or false"),
+        ({"heldout_samples": 0}, r"mixer.heldout_samples \(aioli\): must be an integer >= 1"),
         ({"prior_weights": [1, 1, 1, 1], "initial_weights": "mixture"}, "either prior_weights"),
         ({"prior_weights": {"noise": 1.0}}, "mixer.prior_weights: weights must name exactly"),
         ({"prior_weights": "/nonexistent/domain_weights.json"}, "mixer.prior_weights"),
@@ -316,3 +316,26 @@ def test_real_training_moves_weight_to_the_structured_domains(synthetic, tmp_pat
     final = json.loads((run_dir / "domain_weights.json").read_text())["final"]["weights"]
     assert final["markov"] + final["grammar"] > 0.7, final  # 0.5 at the start; measured 0.86
     assert min(final["markov"], final["grammar"]) > max(final["noise"], final["trivial"]) + 0.1, final
+
+
+def test_restricted_mode_from_a_run_config_reads_a_domain_weights_file(tmp_path):
+    from megatron_doremi.data.mixture import Mixture
+    from megatron_doremi.mixers.weights_io import write_domain_weights_json
+    from megatron_doremi.training.config import ConfigError, validate_run_config
+    from megatron_doremi.training.mixer_factory import build_mixer
+    from tests.test_doremi_train import write_synthetic
+
+    mixture = write_synthetic(tmp_path, docs=4, doc_len=20)
+    names = Mixture.load(str(mixture)).names
+    prior = {"noise": 0.1, "trivial": 0.2, "markov": 0.3, "grammar": 0.4}
+    weights_file = tmp_path / "domain_weights.json"
+    write_domain_weights_json(weights_file, names, [prior[n] for n in names], [0.25] * 4)
+    cfg = _train_config(mixture, tmp_path / "run")
+    cfg["mixer"] = {"type": "aioli", "prior_weights": str(weights_file), "prior_steps": 10}
+    run = validate_run_config(cfg, "run.json")
+    mixer = build_mixer(run.mixer, Mixture.load(str(mixture)))
+    w = np.array([prior[n] for n in names])
+    assert np.array_equal(mixer.sampling_weights(), w / w.sum()) and mixer.restricted
+    write_domain_weights_json(weights_file, ["a", "b", "c", "d"], [0.25] * 4, [0.25] * 4)
+    with pytest.raises(ConfigError, match="prior_weights"):
+        validate_run_config(cfg, "run.json")

@@ -125,7 +125,7 @@ def _unhex(values: Any, length: int, key: str) -> np.ndarray:
 
 def _int_option(key: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < low:
-        raise MixerError(f"aioli mixer: {key} must be an integer >= {low}, got {value!r}")
+        raise MixerError(f"mixer.{key} (aioli): must be an integer >= {low}, got {value!r}")
     return int(value)
 
 
@@ -140,7 +140,7 @@ def _float_option(key: str, value: Any, low: float, high: float, low_open: bool,
     )
     if not ok:
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise MixerError(f"aioli mixer: {key} must be a number in {interval}, got {value!r}")
+        raise MixerError(f"mixer.{key} (aioli): must be a number in {interval}, got {value!r}")
     return v
 
 
@@ -184,7 +184,7 @@ class AioliMixer(Mixer):
         self.ema = None if ema is None else _float_option("ema", ema, 0.0, 1.0, False, True)
         self.one_hot_factor = _float_option("one_hot_factor", one_hot_factor, 0.0, 1.0, True, False)
         if not isinstance(normalize, (bool, np.bool_)):
-            raise MixerError(f"aioli mixer: normalize must be true or false, got {normalize!r}")
+            raise MixerError(f"mixer.normalize (aioli): must be true or false, got {normalize!r}")
         self.normalize = bool(normalize)
         self.prior_steps = _int_option("prior_steps", prior_steps, 0)
         self.seed = _int_option("seed", seed, 0)
