@@ -270,13 +270,17 @@ def test_sigkill_and_resume_reproduce_the_weights_log_exactly(synthetic, tmp_pat
     from tests.test_doremi_train import REPO, _train, _write
 
     run_dir = tmp_path / "killed"
-    ckpt = {"save": str(run_dir / "ckpt"), "load": str(run_dir / "ckpt"), "save_interval": 6}
+    ckpt = {"save": str(run_dir / "ckpt"), "load": str(run_dir / "ckpt"), "save_interval": 4}
     cfg_path = _write(tmp_path / "killed.json", _train_config(synthetic["mixture"], run_dir, checkpoint=ckpt,
                                                               debug={"step_sleep_s": 0.3}))  # fmt: skip
     cmd = [sys.executable, "-m", "megatron_doremi.train", "--config", str(cfg_path)]
-    latest = run_dir / "ckpt" / "latest"
-    sigkill_when(cmd, lambda: latest.exists() and latest.read_text() == "global_step18", 240, cwd=REPO)
-    assert (run_dir / "ckpt" / "latest").read_text() == "global_step18"  # inside round 1's perturbed sweep
+    latest, log = run_dir / "ckpt" / "latest", run_dir / "aioli_weights.jsonl"
+
+    def at_update() -> bool:  # checkpoint 20 saved and the update of step 20 logged after it, step 21 running
+        return latest.exists() and latest.read_text() == "global_step20" and '"step": 20,' in log.read_text()
+
+    sigkill_when(cmd, at_update, 240, cwd=REPO)
+    assert latest.read_text() == "global_step20"  # the resume repeats the update of step 20
     _write(cfg_path, _train_config(synthetic["mixture"], run_dir, checkpoint=ckpt))
     out = _train(cfg_path)
     assert "resumed from" in out.stderr

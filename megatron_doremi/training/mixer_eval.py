@@ -107,5 +107,9 @@ def update_from_heldout(trainer: Any) -> None:
     if mixer.observe_heldout(trainer.step, stats):
         trainer.loader.set_weights(mixer.sampling_weights())
     log = getattr(trainer, "_weights_log", None)
-    if log is not None and getattr(mixer, "updated_at", None) == trainer.step:
+    if log is None or getattr(mixer, "updated_at", None) != trainer.step:
+        return
+    # A run resumed from the checkpoint of this very step may find this update's record already written by the
+    # killed attempt (the hook runs after the save): the same state gave the same record, keep that one.
+    if log.last_step is None or log.last_step < trainer.step:
         log.append(mixer.history_record(trainer.step, time.time()))
