@@ -14,6 +14,7 @@ Layout (every section optional except ``model``, ``data`` and ``schedule``; defa
                   "step_size": 1.0, "smoothing": 1e-3, "reference_weights": null, "initial_weights": null,
                   "warmup_step": 0, "update_step": 1, "update_times": null, "resample": false}
                | {"type": "odm", ...}                    # see docs/doremi.md and mixers/odm.py
+               | {"type": "aioli", ...}                  # needs held-out data; docs/mixers.md, mixers/aioli.py
       "schedule": {"seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr",
                    "warmup_iters", "lr_decay_style": "cosine"|"linear"|"constant", "lr_decay_iters": null},
       "eval": {"eval_interval": 0, "eval_iters": 1, "micro_batch_size": null},
@@ -583,6 +584,10 @@ def validate_run_config(raw: dict[str, Any], source: str = "config", check_files
     mixer = {"type": "static", **mixer}
     if mixer["type"] == "doremi":
         mixer = _validate_doremi(source, mixer)
+    if mixer["type"] == "aioli":  # learns from held-out losses while changing the blend
+        from megatron_doremi.training.mixer_eval import check_heldout_config
+
+        check_heldout_config(source, data, mixer)
     if mix is not None:
         _check_mixer_with_data(source, mixer, mix, model, sched["seq_length"], raw.get("tokenizer"))
 

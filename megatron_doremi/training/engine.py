@@ -61,6 +61,7 @@ from megatron_doremi.training.metrics import (
     format_eval_table,
     stderr_is_tty,
 )
+from megatron_doremi.training.mixer_eval import update_from_heldout
 from megatron_doremi.training.reshard import convert_to_universal, fix_universal_load, universal_ds_config
 from megatron_doremi.training.resume_checks import (
     changed_settings,
@@ -448,6 +449,7 @@ class Trainer:
         assert self.loader is not None
         engine, dev, D = self.engine, self.device, self.num_domains
         t0 = time.time()
+        update_from_heldout(self)  # mixers that learn from held-out losses (Aioli): may set new weights
         lr = float(engine.get_lr()[0])
         mult = self.mixer.loss_multipliers()
         weights = self.mixer.sampling_weights()
@@ -578,10 +580,14 @@ class Trainer:
             return
         from megatron_doremi.mixers.weights_io import DomainWeightsLog
 
-        path = os.path.join(self.cfg.output_dir, "doremi_weights.jsonl")
+        path = os.path.join(self.cfg.output_dir, self._weights_log_name())
         self._weights_log = DomainWeightsLog.open(path, resume_step=self.step if resumed else None)
         if self._weights_log.last_step is None and self.step == 0:
             self._weights_log.append(self.mixer.history_record(0, time.time()))
+
+    def _weights_log_name(self) -> str:
+        """The weights log of the run's mixer: ``doremi_weights.jsonl``, or the mixer's ``weights_log_name``."""
+        return getattr(self.mixer, "weights_log_name", "doremi_weights.jsonl")
 
     def _write_domain_weights(self) -> dict[str, str]:
         """Rank 0, end of a run with a dynamic mixer: ``domain_weights.json`` (average and final weights, both
@@ -605,23 +611,27 @@ class Trainer:
             self._weights_log.close()
             self._weights_log = None
         ref = self.cfg.mixer.get("reference")
-        extra = {
-            "step": self.step,
-            "num_updates": int(getattr(mixer, "num_updates", 0)),
-            "num_skipped": int(getattr(mixer, "num_skipped", 0)),
-            "reference_weights": dict(zip(self.names, mixer.reference_weights.tolist())),
-            "initial_weights": dict(zip(self.names, mixer.initial_weights.tolist())),
-            "step_size": mixer.step_size,
-            "smoothing": mixer.smoothing,
-            "resample": mixer.resample,
-            "reference_checkpoint": None if ref is None else ref["checkpoint"],
-            "debug_no_reference": ref is None,
-        }
+        extra = (
+            mixer.domain_weights_extra(self.step)
+            if hasattr(mixer, "domain_weights_extra")
+            else {
+                "step": self.step,
+                "num_updates": int(getattr(mixer, "num_updates", 0)),
+                "num_skipped": int(getattr(mixer, "num_skipped", 0)),
+                "reference_weights": dict(zip(self.names, mixer.reference_weights.tolist())),
+                "initial_weights": dict(zip(self.names, mixer.initial_weights.tolist())),
+                "step_size": mixer.step_size,
+                "smoothing": mixer.smoothing,
+                "resample": mixer.resample,
+                "reference_checkpoint": None if ref is None else ref["checkpoint"],
+                "debug_no_reference": ref is None,
+            }
+        )
         write_domain_weights_json(
             json_path, self.names, mixer.average_weights, mixer.weights, prefixes=prefixes, extra=extra
         )
         paths = {"domain_weights_json": json_path}
-        jsonl = os.path.join(out, "doremi_weights.jsonl")
+        jsonl = os.path.join(out, self._weights_log_name())
         png = os.path.join(out, "domain_weights.png")
         try:
             plot_domain_weights(jsonl, png)

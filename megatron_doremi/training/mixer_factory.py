@@ -1,7 +1,8 @@
 """Build the run's mixer from the run config's ``mixer`` section (a registry of ``type`` -> builder).
 
 Types: ``static`` (fixed weights), ``doremi`` (DoReMi step 2, see :func:`doremi_kwargs`), ``odm`` (online data
-mixing, :mod:`megatron_doremi.mixers.odm`). Builders see only the spec and the mixture (names, weights), never
+mixing, :mod:`megatron_doremi.mixers.odm`), ``aioli`` (Aioli, :mod:`megatron_doremi.mixers.aioli`; needs
+held-out data, measured by :mod:`.mixer_eval`). Builders see only the spec and the mixture (names, weights), never
 the engine; the DoReMi reference model itself is the trainer's business (:mod:`.reference`).
 """
 
@@ -124,9 +125,16 @@ def _odm(spec: dict[str, Any], mixture: Mixture) -> Mixer:
     return build_odm_mixer(spec, mixture)
 
 
+def _aioli(spec: dict[str, Any], mixture: Mixture) -> Mixer:
+    from megatron_doremi.mixers.aioli import build_aioli_mixer
+
+    return build_aioli_mixer(spec, mixture)
+
+
 register_mixer("static", _static)
 register_mixer("doremi", _doremi)
 register_mixer("odm", _odm)
+register_mixer("aioli", _aioli)
 
 
 def build_mixer(spec: dict[str, Any], mixture: Mixture) -> Mixer:
