@@ -16,7 +16,7 @@ Layout (every section optional except ``model``, ``data`` and ``schedule``; defa
                | {"type": "odm", ...}                    # see docs/doremi.md and mixers/odm.py
       "schedule": {"seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr",
                    "warmup_iters", "lr_decay_style": "cosine"|"linear"|"constant", "lr_decay_iters": null},
-      "eval": {"eval_interval": 0, "eval_iters": 1, "micro_batch_size": null},
+      "eval": {"eval_interval": 0, "eval_iters": "all", "micro_batch_size": null},   # "all" | N (x global batch)
       "checkpoint": {"save": null, "save_interval": 0, "load": null, "export_hf": null,
                      "exit_duration_mins": null, "exit_signals": ["SIGTERM", "SIGUSR1"],
                      "keep_last": null, "restart": false},
@@ -67,8 +67,10 @@ from typing import Any
 from megatron_doremi.json_files import key_lines, read_json_file
 
 __all__ = [
+    "EVAL_ALL",
     "ConfigError",
     "RunConfig",
+    "eval_enabled",
     "apply_overrides",
     "load_run_config",
     "default_value",
@@ -77,6 +79,14 @@ __all__ = [
 ]
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
+#: ``eval.eval_iters`` value that evaluates every validation sample of every domain exactly once (the default)
+EVAL_ALL = "all"
+
+
+def eval_enabled(ev: dict[str, Any] | None) -> bool:
+    """Whether an ``eval`` section evaluates at all: ``eval_iters`` is "all" (the default) or an integer >= 1."""
+    value = (ev or {}).get("eval_iters", EVAL_ALL)
+    return value == EVAL_ALL or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
 
 # section -> {key: default}; a key absent here is rejected (with a suggestion), except inside free-form values.
 _SCHEMA: dict[str, dict[str, Any]] = {
@@ -108,7 +118,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "lr_decay_style": "cosine",
         "lr_decay_iters": None,
     },
-    "eval": {"eval_interval": 0, "eval_iters": 1, "micro_batch_size": None},
+    "eval": {"eval_interval": 0, "eval_iters": "all", "micro_batch_size": None},
     "checkpoint": {
         "save": None,
         "save_interval": 0,
@@ -533,7 +543,14 @@ def validate_run_config(raw: dict[str, Any], source: str = "config", check_files
 
     ev = _section(source, raw, "eval")
     ev["eval_interval"] = _int(source, "eval.eval_interval", ev["eval_interval"], 0)
-    ev["eval_iters"] = _int(source, "eval.eval_iters", ev["eval_iters"], 0)
+    if ev["eval_iters"] != EVAL_ALL:
+        try:
+            ev["eval_iters"] = _int(source, "eval.eval_iters", ev["eval_iters"], 0)
+        except ConfigError:
+            raise ConfigError(
+                f'{source}: eval.eval_iters must be "all" (the whole validation split, once) or an integer >= 0 '
+                f"(that many global batches per domain), got {ev['eval_iters']!r}"
+            ) from None
     if ev["micro_batch_size"] is not None:
         ev["micro_batch_size"] = _int(source, "eval.micro_batch_size", ev["micro_batch_size"], 1)
 

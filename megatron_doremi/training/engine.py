@@ -49,7 +49,7 @@ from megatron_doremi.training.checkpoint import (
     read_latest,
     save_checkpoint,
 )
-from megatron_doremi.training.config import ConfigError, RunConfig
+from megatron_doremi.training.config import EVAL_ALL, ConfigError, RunConfig, eval_enabled
 from megatron_doremi.training.divergence import DivergenceError, DivergenceGuard
 from megatron_doremi.training.ds_config import resolve_deepspeed_config, zero_stage
 from megatron_doremi.training.evaluation import evaluate_domains
@@ -646,9 +646,21 @@ class Trainer:
 
     # ---- evaluation ----------------------------------------------------------------------------------------
 
-    def eval_num_samples(self) -> int:
-        """Samples per domain per evaluation: ``eval_iters x global_batch_size`` (capped by each split's size)."""
+    def eval_num_samples(self) -> int | None:
+        """Samples per domain per evaluation: ``eval_iters x global_batch_size`` (capped by each split's size);
+        None for ``eval_iters: "all"`` (every sample of the split once)."""
+        if self.cfg.eval["eval_iters"] == EVAL_ALL:
+            return None
         return int(self.cfg.eval["eval_iters"]) * self.cfg.global_batch_size
+
+    def token_bytes(self) -> np.ndarray | None:
+        """int64 [vocab]: UTF-8 bytes per token id from ``cfg.tokenizer`` (bits per byte), None without one."""
+        if not hasattr(self, "_token_bytes"):
+            from megatron_doremi.data.token_bytes import token_byte_lengths_for_path
+
+            path = self.cfg.tokenizer
+            self._token_bytes = None if path is None else token_byte_lengths_for_path(path, self.vocab_size)
+        return self._token_bytes
 
     def evaluate(self, split: str = "valid", on_batch: Any = None) -> dict[str, Any] | None:
         """Collective: per-domain evaluation on ``split``; None when the split does not exist."""
@@ -677,6 +689,7 @@ class Trainer:
                 self.world_size,
                 self.device,
                 on_batch=on_batch,
+                token_bytes=self.token_bytes(),
             )
         finally:
             engine.train()
@@ -684,7 +697,7 @@ class Trainer:
         return result
 
     def _run_eval(self, final: bool = False) -> None:
-        if int(self.cfg.eval["eval_iters"]) <= 0:
+        if not eval_enabled(self.cfg.eval):
             return
         result = self.evaluate("valid")
         self._eval_step = self.step
@@ -880,7 +893,7 @@ class Trainer:
 
     def _check_eval_vocab(self) -> None:
         """Collective: the validation samples evaluation will read have token ids < vocab_size."""
-        if "valid" not in self.datasets or not self.eval_num_samples():
+        if "valid" not in self.datasets or not eval_enabled(self.cfg.eval):
             return
         from megatron_doremi.training.preflight import check_split_vocab
 
@@ -888,7 +901,7 @@ class Trainer:
             self.datasets["valid"],
             self.names,
             "valid",
-            self.eval_num_samples(),
+            self.eval_num_samples() or max(len(ds) for ds in self.datasets["valid"]),
             self.vocab_size,
             self.rank,
             self.world_size,
