@@ -5,8 +5,9 @@
 
 ``--checkpoint`` is a checkpoint directory with a ``latest`` file, a ``global_step<N>`` directory, or an HF model
 directory (``config.json`` + weights). Prints the per-domain table (loss, perplexity, token-weighted and uniform
-averages, worst domain) and writes it as JSON with ``--output``. ``eval.eval_iters`` x ``global_batch_size``
-samples per domain, as in training (``--eval-iters`` overrides).
+averages, worst domain, bits per byte when the run has a ``tokenizer``) and writes it as JSON with ``--output``.
+The whole split once per domain by default (``eval.eval_iters: "all"``), or ``eval.eval_iters`` x
+``global_batch_size`` samples per domain, as in training (``--eval-iters`` overrides).
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ import sys
 from collections.abc import Sequence
 
 
+def _eval_iters(value: str) -> int | str:
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected "all" or an integer, got {value!r}') from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_doremi.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="the run config the checkpoint was trained with")
@@ -27,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split", default="valid", choices=("valid", "test", "train"), help="which split (default valid)"
     )
-    p.add_argument("--eval-iters", type=int, default=None, help="override eval.eval_iters")
+    p.add_argument(
+        "--eval-iters", type=_eval_iters, default=None, help='override eval.eval_iters ("all" or an integer)'
+    )
     p.add_argument("--output", default=None, help="write the result JSON here")
     p.add_argument(
         "--dump-logits", default=None, help="save rank 0's first micro-batch per domain (input_ids, logits)"
@@ -46,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if is_hf:
         overrides.append(f"model={json.dumps(ckpt)}")
     if args.eval_iters is not None:
-        overrides.append(f"eval.eval_iters={args.eval_iters}")
+        overrides.append(f"eval.eval_iters={json.dumps(args.eval_iters)}")
     overrides += [
         "checkpoint.load=null",
         "checkpoint.save=null",
@@ -59,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         cfg = check_config(args.config, overrides)
         load_dir, tag = (None, None) if is_hf else resolve_checkpoint(ckpt)
+        if cfg.tokenizer is None and is_hf and os.path.isfile(os.path.join(ckpt, "tokenizer.json")):
+            cfg.tokenizer = ckpt  # the export's own tokenizer gives bits per byte
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

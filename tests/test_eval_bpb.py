@@ -83,13 +83,17 @@ def test_bpb_hand_computation(tmp_path, tok):
         assert dom["bpb"] == pytest.approx((n - 1) * math.log(vocab) / (math.log(2) * hand_bytes), rel=1e-6)
     total_bytes = sum(len(d.encode("utf-8")) for d in DOCS)
     tw = res["token_weighted"]
-    assert tw["bpb"] == pytest.approx((n_a + n_b - 2) * math.log(vocab) / (math.log(2) * total_bytes), rel=1e-6)
+    assert tw["bpb"] == pytest.approx(
+        (n_a + n_b - 2) * math.log(vocab) / (math.log(2) * total_bytes), rel=1e-6
+    )
     assert tw["weights"]["a"] == pytest.approx((n_a - 1) / (n_a + n_b - 2))
 
 
 def test_token_weighted_average_uses_the_split_shares():
     # domain a: 10 of its 100 samples evaluated (scale 10), b: all 50 (scale 1); mean losses 1 and 3
-    res = summarize_eval(["a", "b"], np.array([40.0, 600.0]), np.array([40.0, 200.0]), split_scale=[10.0, 1.0])
+    res = summarize_eval(
+        ["a", "b"], np.array([40.0, 600.0]), np.array([40.0, 200.0]), split_scale=[10.0, 1.0]
+    )
     assert res["token_weighted"]["weights"] == {"a": pytest.approx(400 / 600), "b": pytest.approx(200 / 600)}
     assert res["token_weighted"]["loss"] == pytest.approx((400 * 1 + 200 * 3) / 600)
     assert res["domains"]["a"]["bpb"] is None and res["token_weighted"]["bpb"] is None

@@ -8,6 +8,7 @@ and the standalone evaluator on its checkpoint plus the HF export.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -251,6 +252,25 @@ def test_standalone_evaluate_and_hf_export(reference, data, tmp_path):
     for name, d in trained["domains"].items():
         assert standalone["domains"][name]["loss"] == pytest.approx(d["loss"], rel=1e-6)
         assert standalone["domains"][name]["tokens"] == d["tokens"]
+        assert d["bytes"] > 0 and standalone["domains"][name]["bytes"] == d["bytes"]
+        assert d["bpb"] == pytest.approx(d["loss"] * d["tokens"] / (math.log(2) * d["bytes"]))
+
+    # eval_iters "all": every validation sample once per domain, the same on 2 ranks and on 1 (the HF export)
+    all2, all1 = tmp_path / "all2.json", tmp_path / "all1.json"
+    _run(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
+          "megatron_doremi.evaluate", "--config", str(cfg), "--checkpoint", str(reference / "ckpt"),
+          "--eval-iters", "all", "--output", str(all2)])  # fmt: skip
+    _run([sys.executable, "-m", "megatron_doremi.evaluate", "--config", str(cfg), "--checkpoint",
+          str(reference / "hf"), "--eval-iters", "all", "--output", str(all1)])  # fmt: skip
+    two, one = json.loads(all2.read_text()), json.loads(all1.read_text())
+    for name, d in two["domains"].items():
+        assert d["samples"] == d["split_samples"] and d["tokens"] == d["samples"] * 64
+        assert (one["domains"][name]["tokens"], one["domains"][name]["bytes"]) == (d["tokens"], d["bytes"])
+        assert one["domains"][name]["loss"] == pytest.approx(d["loss"], rel=1e-5)
+    total = sum(d["tokens"] for d in two["domains"].values())
+    assert two["token_weighted"]["weights"] == {
+        n: pytest.approx(d["tokens"] / total) for n, d in two["domains"].items()
+    }
 
     # the HF export evaluates the same (loaded into ZeRO-3 partitions by the trainer, one process)
     hf_json = tmp_path / "eval_hf.json"

@@ -11,7 +11,8 @@ Layout (every section optional except ``model``, ``data`` and ``schedule``; defa
       "mixer": {"type": "static", "weights": null},   # weights: null = the mixture's, a list, or {name: w}
                | {"type": "doremi", "reference": {"checkpoint": "runs/ref/checkpoints", "model": null,
                   "mode": "auto", "allow_architecture_mismatch": false} | "runs/ref/checkpoints" | null,
-                  "step_size": 1.0, "smoothing": 1e-3, "reference_weights": null, "initial_weights": null,
+                  "step_size": 1.0, "smoothing": 1e-3, "reference_weights": null,
+                  "sampling_weights": null (uniform), "initial_weights": null,
                   "warmup_step": 0, "update_step": 1, "update_times": null, "resample": false}
                | {"type": "odm", ...}                    # see docs/doremi.md and mixers/odm.py
       "schedule": {"seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr",
@@ -87,6 +88,7 @@ def eval_enabled(ev: dict[str, Any] | None) -> bool:
     """Whether an ``eval`` section evaluates at all: ``eval_iters`` is "all" (the default) or an integer >= 1."""
     value = (ev or {}).get("eval_iters", EVAL_ALL)
     return value == EVAL_ALL or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+
 
 # section -> {key: default}; a key absent here is rejected (with a suggestion), except inside free-form values.
 _SCHEMA: dict[str, dict[str, Any]] = {
@@ -472,7 +474,7 @@ def _check_mixer_with_data(
     from megatron_doremi.training.mixer_factory import check_mixer_spec
 
     try:
-        built = check_mixer_spec(mixer, mix)
+        check_mixer_spec(mixer, mix)
     except MixerError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     if mixer["type"] == "doremi" and mixer.get("reference") is not None:
@@ -484,7 +486,6 @@ def _check_mixer_with_data(
             mix.names,
             seq_length,
             source,
-            reference_weights=getattr(built, "reference_weights", None),
             warn=False,  # the trainer warns (once, in its log)
             tokenizer=tokenizer,
         )

@@ -273,7 +273,6 @@ class Trainer:
             self.names,
             self.cfg.seq_length,
             self.cfg.source,
-            reference_weights=getattr(self.mixer, "reference_weights", None),
             tokenizer=self.cfg.tokenizer,
         )
         return ReferenceModel.build(
@@ -327,6 +326,7 @@ class Trainer:
                     "hf_config.json": self.hf_config,
                     "run_config.json": self.cfg.to_dict(),
                     "ds_config.json": self.ds_config,
+                    **self._tokenizer_digest_json(),
                 },
                 world_size=self.world_size,
                 device=self.device,
@@ -334,6 +334,15 @@ class Trainer:
             )
         self._last_saved = self.step
         logger.info("checkpoint: saved %s/global_step%d in %.1fs", save_dir, self.step, time.time() - t0)
+
+    def _tokenizer_digest_json(self) -> dict[str, Any]:
+        """``{"tokenizer_digest.json": {"path", "sha256"}}`` for the checkpoint (a DoReMi proxy checks a
+        reference's tokenizer against it), empty without a tokenizer file."""
+        if not hasattr(self, "_tok_digest"):
+            from megatron_doremi.training.reference import tokenizer_digest
+
+            self._tok_digest = tokenizer_digest(self.cfg.tokenizer)
+        return {} if self._tok_digest is None else {"tokenizer_digest.json": self._tok_digest}
 
     def resume(self, load_dir: str | None = None, tag: str | None = None, module_only: bool = False) -> bool:
         """Collective: load a checkpoint; False when there is none.
@@ -610,6 +619,7 @@ class Trainer:
             "num_updates": int(getattr(mixer, "num_updates", 0)),
             "num_skipped": int(getattr(mixer, "num_skipped", 0)),
             "reference_weights": dict(zip(self.names, mixer.reference_weights.tolist())),
+            "sampling_weights": dict(zip(self.names, mixer.proxy_sampling_weights.tolist())),
             "initial_weights": dict(zip(self.names, mixer.initial_weights.tolist())),
             "step_size": mixer.step_size,
             "smoothing": mixer.smoothing,
@@ -969,9 +979,10 @@ class Trainer:
             ref = getattr(self.mixer, "reference_weights", None)
             if ref is not None:
                 lines.append(f"DoReMi domain weights ({getattr(self.mixer, 'num_updates', 0)} updates)")
-                lines.append(f"  {'domain':<{width}}  {'reference':>9}  {'final α':>9}  {'average ᾱ':>9}")
-                for n, r in zip(self.names, ref):
-                    lines.append(f"  {n:<{width}}  {r:>9.4f}  {final[n]:>9.4f}  {avg[n]:>9.4f}")
+                head = f"{'reference':>9}  {'sampling':>9}  {'final α':>9}  {'average ᾱ':>9}"
+                lines.append(f"  {'domain':<{width}}  {head}")
+                for n, r, p in zip(self.names, ref, self.mixer.proxy_sampling_weights):
+                    lines.append(f"  {n:<{width}}  {r:>9.4f}  {p:>9.4f}  {final[n]:>9.4f}  {avg[n]:>9.4f}")
             else:
                 lines.append(f"{self.mixer.name} domain weights (sampling weights of the run)")
                 lines.append(f"  {'domain':<{width}}  {'final':>9}  {'average':>9}")

@@ -64,7 +64,13 @@ def summarize_eval(
     for d, (name, s, n) in enumerate(zip(names, loss_sum.tolist(), token_count.tolist())):
         b = float(bytes_[d])
         bpb = s / (LN2 * b) if has_bytes and n > 0 and b > 0 else None
-        entry = {"loss": None, "ppl": None, "bpb": None, "tokens": int(n), "bytes": int(b) if has_bytes else None}
+        entry = {
+            "loss": None,
+            "ppl": None,
+            "bpb": None,
+            "tokens": int(n),
+            "bytes": int(b) if has_bytes else None,
+        }
         if n > 0:
             loss = s / n
             losses[name], bpbs[name] = loss, bpb
@@ -87,7 +93,12 @@ def summarize_eval(
             "weights": shares,
         }
         out["uniform"] = {"loss": uni, "ppl": _ppl(uni), "bpb": uni_bpb}
-        out["worst"] = {"domain": worst, "loss": losses[worst], "ppl": _ppl(losses[worst]), "bpb": bpbs[worst]}
+        out["worst"] = {
+            "domain": worst,
+            "loss": losses[worst],
+            "ppl": _ppl(losses[worst]),
+            "bpb": bpbs[worst],
+        }
     else:
         out["token_weighted"] = {"loss": None, "ppl": None, "bpb": None, "weights": None}
         out["uniform"] = {"loss": None, "ppl": None, "bpb": None}
