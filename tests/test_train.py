@@ -131,6 +131,11 @@ def test_loss_decreases_and_outputs_are_complete(reference):
     assert r["consumed_samples"] == STEPS * 16
     assert r["domain_weights"]["code"] == pytest.approx(0.4)
     assert (reference / "ckpt" / "latest").read_text() == "global_step8"
+    run = json.loads((reference / "train_summary.json").read_text())
+    assert run["train_tokens"] == STEPS * 16 * 64 and run["reference_flops"] == 0
+    assert run["train_flops"] == run["model_flops"] > 6 * 0.5 * run["parameters"] * run["train_tokens"]
+    assert (reference / "ckpt" / "global_step8" / "tokenizer_digest.json").is_file()
+    assert "bpb" in evals[1]["domains"]["code"] and evals[1]["domains"]["code"]["bpb"] > 0
 
 
 def _samples(run_dir: Path, world: int) -> dict[int, list[list[str]]]:

@@ -835,6 +835,7 @@ class Trainer:
             "skipped_steps": self.guard.skipped,
             "nonfinite_steps": self.guard.nonfinite,
             "diverged": False,
+            **self.flops_record(),
         }
         if self.rank == 0:
             out = cfg.output_dir
@@ -881,6 +882,7 @@ class Trainer:
             "skipped_steps": self.guard.skipped,
             "nonfinite_steps": self.guard.nonfinite,
             "diverged": False,
+            **self.flops_record(),
             "stopped": {"reason": reason, "step": self.step, "checkpoint": f"global_step{self.step}"},
         }
         if self.rank == 0:
@@ -900,6 +902,17 @@ class Trainer:
         dist.barrier()
         self.exit_guard.restore()
         return summary
+
+    def flops_record(self) -> dict[str, Any]:
+        """Compute accounting of the run so far (every step since step 0, resumed attempts included):
+        :func:`~megatron_doremi.training.flops.run_flops` with the DoReMi reference's forward."""
+        from megatron_doremi.training.flops import run_flops
+
+        ref = None
+        if self.reference is not None:
+            ref = (int(self.reference.num_params), self.reference.info.model_config)
+        tokens = self.step * self.cfg.global_batch_size * self.cfg.seq_length
+        return run_flops(self.num_params, self.hf_config, self.cfg.seq_length, tokens, reference=ref)
 
     def _check_eval_vocab(self) -> None:
         """Collective: the validation samples evaluation will read have token ids < vocab_size."""
