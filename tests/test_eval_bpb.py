@@ -123,3 +123,21 @@ def test_all_covers_each_sample_once(tmp_path, tok, world_size):
         assert sorted(seen[d]) == sorted(expected)  # every sample of the split, exactly once
         assert tokens[d] == len(dset) * 8
     assert res["domains"]["c"]["samples"] == res["domains"]["c"]["split_samples"] == len(ds)
+
+
+def test_megatron_packing_all_is_one_epoch_of_each_weighted_domain(make_shard):
+    from megatron_doremi.data.loader import build_domain_datasets
+    from megatron_doremi.data.mixture import Mixture
+    from megatron_doremi.data.run_data import sample_targets
+    from megatron_doremi.training.evaluation import epoch_samples
+    from tests.conftest import random_documents
+
+    rng = np.random.default_rng(0)
+    doms = {n: {"prefixes": [make_shard(n, random_documents(rng, 80, 20, 60, vocab=50))], "weight": w}
+            for n, w in (("a", 0.8), ("b", 0.2))}  # fmt: skip
+    targets = sample_targets(10, 4, 0, "all")
+    assert targets == {"train": 40, "valid": None, "test": None}
+    data = build_domain_datasets(Mixture.from_dict({"domains": doms}), 8, "80,10,10", packing="megatron",
+                                 num_samples=targets)  # fmt: skip
+    for ds in data["valid"]:
+        assert len(ds) == epoch_samples(ds) == (ds.num_tokens - 1) // 8
