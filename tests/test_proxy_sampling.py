@@ -161,3 +161,25 @@ def test_deepspeed_reference_tokenizer_digest_is_checked(tmp_path):
         check_reference(spec_b, model, ["x"], 32, "t", tokenizer=other)
     # no tokenizer on the proxy side: nothing to compare
     check_reference(spec_b, model, ["x"], 32, "t", tokenizer=None)
+
+
+def test_initial_score_is_the_lambda_of_a_domain_not_yet_seen():
+    import math
+
+    def stats(excess, counts):
+        return {"excess_sum": np.array(excess, float), "token_count": np.array(counts, float)}
+
+    log_v = math.log(50304)
+    ours, theirs = DoReMiMixer(["a", "b"]), DoReMiMixer(["a", "b"], initial_score=log_v)
+    for m in (ours, theirs):
+        m.observe(1, stats([1.0, 0.0], [10, 0]))  # b absent from the first batch
+    assert ours.scores.tolist() == [0.1, 0.0] and theirs.scores.tolist() == [0.1, log_v]
+    assert ours.weights[1] < 0.5 < theirs.weights[1]  # log|V| pushes the unseen domain up
+    state = json.loads(json.dumps(theirs.state_dict()))
+    with pytest.raises(MixerError, match="initial_score"):
+        DoReMiMixer(["a", "b"]).load_state_dict(state)
+    old = json.loads(json.dumps(ours.state_dict()))
+    del old["hparams"]["initial_score"]  # saved before the key existed: λ_0 was 0
+    DoReMiMixer(["a", "b"]).load_state_dict(old)
+    with pytest.raises(MixerError, match="initial_score"):
+        DoReMiMixer(["a", "b"], initial_score=float("inf"))

@@ -7,7 +7,8 @@ them (proxy and reference token losses, clipped excess, one all-reduce). The rul
   weights, both normalised float64 [D]. ``reference_weights`` (what the reference model trained on) is recorded,
   and is what ``initial_weights="reference"`` means; it enters no formula.
 * After step ``t``: ``λ_d = excess_sum_d / token_count_d``; a domain with ``token_count_d == 0`` keeps its previous
-  ``λ_d`` (initially 0). With ``use_reference=False`` (the ``reference: null`` debug mode) ``loss_sum`` replaces
+  ``λ_d`` (initially ``initial_score``, default 0; the authors' code starts at log|V|). With
+  ``use_reference=False`` (the ``reference: null`` debug mode) ``loss_sum`` replaces
   ``excess_sum``.
 * If ``t`` is an update step (``t > warmup_step``, ``(t - warmup_step) % update_step == 0``, fewer than
   ``update_times`` updates so far): ``z = log α + η λ``; ``α' = exp(z - logsumexp(z))``; ``α = (1 - ε) α' + ε / D``.
@@ -100,6 +101,7 @@ class DoReMiMixer(Mixer):
         update_times: int | None = None,
         resample: bool = False,
         use_reference: bool = True,
+        initial_score: float = 0.0,
     ) -> None:
         super().__init__(domain_names)
         if len(set(self.domain_names)) != self.num_domains:
@@ -116,6 +118,9 @@ class DoReMiMixer(Mixer):
         self.update_times = None if update_times is None else _check_int(update_times, "update_times", 0)
         self.resample = _check_bool(resample, "resample")
         self.use_reference = _check_bool(use_reference, "use_reference")
+        self.initial_score = _check_float(initial_score, "initial_score")
+        if not math.isfinite(self.initial_score):
+            raise MixerError(f"doremi mixer: initial_score must be finite, got {initial_score!r}")
         self._ref: list[float] = self._resolve_weights(reference_weights, "reference_weights")
         self._s: list[float] = self._resolve_weights(sampling_weights, "sampling_weights")
         self._init: list[float] = self._resolve_weights(initial_weights, "initial_weights")
@@ -136,7 +141,7 @@ class DoReMiMixer(Mixer):
         self._alpha: list[float] = list(self._init)
         self._alpha_sum: list[float] = list(self._init)  # α_0 + α_1 + ... + α_n
         self._alpha_count: int = 1  # n + 1
-        self._scores: list[float] = [0.0] * k  # λ (kept per domain across steps)
+        self._scores: list[float] = [self.initial_score] * k  # λ (kept per domain across steps)
         self._excess: list[float | None] = [None] * k  # last valid step's mean score input per domain
         self.num_updates: int = 0
         self.num_skipped: int = 0
@@ -324,6 +329,7 @@ class DoReMiMixer(Mixer):
             "reference_weights": _hex_list(self._ref),
             "sampling_weights": _hex_list(self._s),
             "initial_weights": _hex_list(self._init),
+            "initial_score": self.initial_score.hex(),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -363,6 +369,8 @@ class DoReMiMixer(Mixer):
         mine = self._hparams()
         if "sampling_weights" not in saved:  # saved before sampling_weights existed: s was reference_weights
             saved = {**saved, "sampling_weights": saved.get("reference_weights")}
+        if "initial_score" not in saved:  # saved before initial_score existed: λ_0 was 0
+            saved = {**saved, "initial_score": (0.0).hex()}
         for key, value in mine.items():
             if saved.get(key) != value:
                 raise MixerError(

@@ -12,7 +12,7 @@ Layout (every section optional except ``model``, ``data`` and ``schedule``; defa
                | {"type": "doremi", "reference": {"checkpoint": "runs/ref/checkpoints", "model": null,
                   "mode": "auto", "allow_architecture_mismatch": false} | "runs/ref/checkpoints" | null,
                   "step_size": 1.0, "smoothing": 1e-3, "reference_weights": null,
-                  "sampling_weights": null (uniform), "initial_weights": null,
+                  "sampling_weights": null (uniform), "initial_weights": null, "initial_score": 0.0,
                   "warmup_step": 0, "update_step": 1, "update_times": null, "resample": false}
                | {"type": "odm", ...}                    # see docs/doremi.md and mixers/odm.py
       "schedule": {"seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr",
@@ -453,7 +453,11 @@ def _validate_doremi(source: str, mixer: dict[str, Any]) -> dict[str, Any]:
     smoothing = float(out.get("smoothing", 1e-3))
     if not 0.0 <= smoothing <= 1.0:
         raise ConfigError(f"{source}: mixer.smoothing (epsilon) must be in [0, 1], got {out['smoothing']!r}")
-    kwargs = {k: out[k] for k in ("warmup_step", "update_step", "update_times", "resample") if k in out}
+    kwargs = {
+        k: out[k]
+        for k in ("warmup_step", "update_step", "update_times", "resample", "initial_score")
+        if k in out
+    }
     try:
         DoReMiMixer(["a"], step_size=step_size, smoothing=smoothing, **kwargs)
     except MixerError as exc:

@@ -36,6 +36,7 @@ DOREMI_DEFAULTS: dict[str, Any] = {
     "update_step": 1,
     "update_times": None,
     "resample": False,
+    "initial_score": 0.0,
 }
 
 
@@ -85,6 +86,7 @@ def doremi_kwargs(spec: dict[str, Any], mixture: Mixture) -> dict[str, Any]:
     or ``{name: w}``. ``sampling_weights`` (s: the proxy samples domains with them, and the loss multipliers are
     α/s): the same forms plus "reference" (= reference_weights); default uniform, as the authors' proxy runs.
     ``initial_weights`` (α_0): the same forms plus "reference" and "sampling"; default uniform.
+    ``initial_score``: λ_0 of every domain (default 0; the authors' code uses log(vocab size)).
     """
     known = {"type", "reference", *DOREMI_DEFAULTS}
     unknown = sorted(set(spec) - known)
@@ -115,6 +117,7 @@ def doremi_kwargs(spec: dict[str, Any], mixture: Mixture) -> dict[str, Any]:
         "update_step": s["update_step"],
         "update_times": s["update_times"],
         "resample": s["resample"],
+        "initial_score": s["initial_score"],
         "use_reference": spec["reference"] is not None,
     }
 
