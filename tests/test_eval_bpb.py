@@ -141,3 +141,19 @@ def test_megatron_packing_all_is_one_epoch_of_each_weighted_domain(make_shard):
                                  num_samples=targets)  # fmt: skip
     for ds in data["valid"]:
         assert len(ds) == epoch_samples(ds) == (ds.num_tokens - 1) // 8
+
+
+def test_sentencepiece_byte_fallback_counts_one_leading_space_per_document(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    from megatron_doremi.data.tokenizer import SentencePieceAdapter
+
+    (tmp_path / "sp.txt").write_text("\n".join(TEXTS * 30))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "sp.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=299, byte_fallback=True, character_coverage=0.98,
+                                   minloglevel=2)  # fmt: skip
+    sp = SentencePieceAdapter(str(tmp_path / "sp.model"))
+    table = token_byte_lengths(sp)
+    for doc in DOCS:
+        ids = sp.sp.encode(doc)
+        assert sp.sp.decode(ids) == doc
+        assert int(table[ids].sum()) == len(doc.encode("utf-8")) + 1  # the "▁" decoding strips

@@ -668,8 +668,12 @@ class Trainer:
         if not hasattr(self, "_token_bytes"):
             from megatron_doremi.data.token_bytes import token_byte_lengths_for_path
 
-            path = self.cfg.tokenizer
-            self._token_bytes = None if path is None else token_byte_lengths_for_path(path, self.vocab_size)
+            path, self._token_bytes = self.cfg.tokenizer, None
+            if path is not None:
+                try:
+                    self._token_bytes = token_byte_lengths_for_path(path, self.vocab_size)
+                except (ValueError, OSError) as exc:  # TokenizerError is a ValueError
+                    logger.warning("bits per byte disabled: tokenizer %s cannot be read (%s)", path, exc)
         return self._token_bytes
 
     def evaluate(self, split: str = "valid", on_batch: Any = None) -> dict[str, Any] | None:
