@@ -149,7 +149,7 @@ def test_sentencepiece_byte_fallback_counts_one_leading_space_per_document(tmp_p
 
     (tmp_path / "sp.txt").write_text("\n".join(TEXTS * 30))
     spm.SentencePieceTrainer.train(input=str(tmp_path / "sp.txt"), model_prefix=str(tmp_path / "sp"),
-                                   vocab_size=299, byte_fallback=True, character_coverage=0.98,
+                                   vocab_size=400, byte_fallback=True, character_coverage=0.98, hard_vocab_limit=False,
                                    minloglevel=2)  # fmt: skip
     sp = SentencePieceAdapter(str(tmp_path / "sp.model"))
     table = token_byte_lengths(sp)
