@@ -81,6 +81,10 @@ setup(
         "tiktoken": ["tiktoken>=0.7"],  # preprocess --tokenizer-type TikTokenizer
         "wandb": ["wandb>=0.31"],
         "mlflow": ["mlflow-skinny>=3.18"],  # the client: tracking server / file store; full mlflow works too
+        "eval": [
+            "lm-eval>=0.4.5",
+            "accelerate>=0.26",
+        ],  # downstream tasks: python -m megatron_doremi.evaluate --lm-eval
         "test": [
             "pytest>=7",
             "pyarrow>=12",

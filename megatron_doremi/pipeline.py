@@ -71,6 +71,7 @@ from megatron_doremi.atomic_io import atomic_write_json
 from megatron_doremi.json_files import read_json_file
 from megatron_doremi.report import MethodResult
 from megatron_doremi.training import exit_codes
+from megatron_doremi.training.config import eval_enabled
 from megatron_doremi.training.run_lock import RunLock, RunLockedError
 
 __all__ = [
@@ -703,10 +704,10 @@ class _Pipeline:
                 raise PipelineError(str(exc)) from None
             if step.kind in ("main", "baseline", "compare") and self.cfg["baseline"]:
                 split = [float(x) for x in str(run.data["split"]).split(",") if x.strip()]
-                if run.eval["eval_iters"] < 1 or len(split) < 2 or split[1] <= 0:
+                if not eval_enabled(run.eval) or len(split) < 2 or split[1] <= 0:
                     raise PipelineError(
                         f"{self.source}: {step.name}: the report compares validation losses: set "
-                        'eval.eval_iters >= 1 and a data.split with a validation part (e.g. "90,5,5")'
+                        'eval.eval_iters "all" or >= 1 and a data.split with a validation part (e.g. "90,5,5")'
                     )
 
     # -- running
@@ -741,7 +742,7 @@ class _Pipeline:
         iters = int((cfg.get("schedule") or {}).get("train_iters", -1))
         if not isinstance(summary, dict) or summary.get("steps") != iters:
             return False
-        evaluates = int((cfg.get("eval") or {}).get("eval_iters", 1)) > 0
+        evaluates = eval_enabled(cfg.get("eval") or {})
         if evaluates and not os.path.isfile(os.path.join(step.dir, "eval_summary.json")):
             return False
         return step.kind != "proxy" or os.path.isfile(os.path.join(step.dir, "domain_weights.json"))

@@ -64,7 +64,7 @@ def test_update_rule_two_domains_hand_computed():
 
 def test_update_rule_three_domains_absent_domain_and_multipliers():
     s = [0.2, 0.3, 0.5]
-    m = DoReMiMixer(["x", "y", "z"], reference_weights=s, initial_weights=[2.0, 1.0, 1.0], smoothing=1e-3)
+    m = DoReMiMixer(["x", "y", "z"], sampling_weights=s, initial_weights=[2.0, 1.0, 1.0], smoothing=1e-3)
     eps, k = 1e-3, 3
 
     def eg(alpha, lam):  # η = 1 (default)
@@ -178,7 +178,7 @@ def test_schedule_warmup_update_step_update_times():
 
 
 def test_resample_mode_samples_with_alpha_and_reweight_mode_does_not():
-    rs = DoReMiMixer(["a", "b"], resample=True, warmup_step=1, reference_weights=[0.7, 0.3])
+    rs = DoReMiMixer(["a", "b"], resample=True, warmup_step=1, sampling_weights=[0.7, 0.3])
     assert rs.sampling_weights().tolist() == [0.5, 0.5]  # α_0, not s
     assert rs.loss_multipliers().tolist() == [1.0, 1.0]
     flags = [rs.observe(t, stats([1.0, 0.2], [1, 1])) for t in range(1, 5)]
@@ -186,7 +186,7 @@ def test_resample_mode_samples_with_alpha_and_reweight_mode_does_not():
     assert rs.sampling_weights().tolist() == rs.weights.tolist() and rs.weights[0] > 0.5
     assert rs.loss_multipliers().tolist() == [1.0, 1.0]
 
-    rw = DoReMiMixer(["a", "b"], reference_weights=[0.7, 0.3])
+    rw = DoReMiMixer(["a", "b"], sampling_weights=[0.7, 0.3])
     flags = [rw.observe(t, stats([1.0, 0.2], [1, 1])) for t in range(1, 4)]
     assert flags == [False, False, False] and rw.num_updates == 3
     assert close(rw.sampling_weights(), [0.7, 0.3])
@@ -303,7 +303,8 @@ def test_accumulation_invariance_of_the_callers_sums():
         ({"smoothing": float("nan")}, "smoothing"),
         ({"reference_weights": [0.5, 0.5, 0.1]}, "reference_weights"),
         ({"reference_weights": [1.0, -1.0]}, "reference_weights"),
-        ({"reference_weights": [1.0, 0.0]}, "reference_weights"),
+        ({"sampling_weights": [1.0, 0.0]}, "sampling_weights"),
+        ({"sampling_weights": [1.0, -1.0]}, "sampling_weights"),
         ({"initial_weights": [1.0]}, "initial_weights"),
         ({"initial_weights": [1.0, float("nan")]}, "initial_weights"),
         ({"initial_weights": {"a": 1.0, "q": 1.0}}, "initial_weights"),
@@ -321,7 +322,7 @@ def test_bad_arguments_name_the_key(kwargs, key):
 
 def test_weights_by_name_and_zero_reference_weight_allowed_when_resampling():
     m = DoReMiMixer(
-        ["a", "b"], initial_weights={"b": 3.0, "a": 1.0}, reference_weights=[1.0, 0.0], resample=True
+        ["a", "b"], initial_weights={"b": 3.0, "a": 1.0}, sampling_weights=[1.0, 0.0], resample=True
     )
     assert m.weights.tolist() == [0.25, 0.75]
     assert m.sampling_weights().tolist() == [0.25, 0.75]

@@ -213,6 +213,12 @@ def test_doremi_moves_weight_from_noise_and_trivial_to_structured_domains(data):
     last = json.loads((data["proxy"] / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["domain_weights"] == dict(zip(names, rows[-1]["domain_weights"]))
     assert last["sampling_weights"] == {n: 0.25 for n in names} and last["reference_time_s"] > 0
+    # compute: the proxy's training plus the same-size reference's forward (a third of it)
+    summary = json.loads((data["proxy"] / "train_summary.json").read_text())
+    assert summary["train_tokens"] == 300 * 16 * 32
+    assert summary["reference_flops"] == pytest.approx(summary["model_flops"] / 3)
+    assert summary["train_flops"] == pytest.approx(summary["model_flops"] + summary["reference_flops"])
+    assert weights["sampling_weights"] == {n: 0.25 for n in names}
 
 
 def test_pipeline_outputs_and_report(data):

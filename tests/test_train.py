@@ -8,6 +8,7 @@ and the standalone evaluator on its checkpoint plus the HF export.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,11 @@ def test_loss_decreases_and_outputs_are_complete(reference):
     assert r["consumed_samples"] == STEPS * 16
     assert r["domain_weights"]["code"] == pytest.approx(0.4)
     assert (reference / "ckpt" / "latest").read_text() == "global_step8"
+    run = json.loads((reference / "train_summary.json").read_text())
+    assert run["train_tokens"] == STEPS * 16 * 64 and run["reference_flops"] == 0
+    assert run["train_flops"] == run["model_flops"] > 6 * 0.5 * run["parameters"] * run["train_tokens"]
+    assert (reference / "ckpt" / "global_step8" / "tokenizer_digest.json").is_file()
+    assert "bpb" in evals[1]["domains"]["code"] and evals[1]["domains"]["code"]["bpb"] > 0
 
 
 def _samples(run_dir: Path, world: int) -> dict[int, list[list[str]]]:
@@ -251,6 +257,25 @@ def test_standalone_evaluate_and_hf_export(reference, data, tmp_path):
     for name, d in trained["domains"].items():
         assert standalone["domains"][name]["loss"] == pytest.approx(d["loss"], rel=1e-6)
         assert standalone["domains"][name]["tokens"] == d["tokens"]
+        assert d["bytes"] > 0 and standalone["domains"][name]["bytes"] == d["bytes"]
+        assert d["bpb"] == pytest.approx(d["loss"] * d["tokens"] / (math.log(2) * d["bytes"]))
+
+    # eval_iters "all": every validation sample once per domain, the same on 2 ranks and on 1 (the HF export)
+    all2, all1 = tmp_path / "all2.json", tmp_path / "all1.json"
+    _run(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
+          "megatron_doremi.evaluate", "--config", str(cfg), "--checkpoint", str(reference / "ckpt"),
+          "--eval-iters", "all", "--output", str(all2)])  # fmt: skip
+    _run([sys.executable, "-m", "megatron_doremi.evaluate", "--config", str(cfg), "--checkpoint",
+          str(reference / "hf"), "--eval-iters", "all", "--output", str(all1)])  # fmt: skip
+    two, one = json.loads(all2.read_text()), json.loads(all1.read_text())
+    for name, d in two["domains"].items():
+        assert d["samples"] == d["split_samples"] and d["tokens"] == d["samples"] * 64
+        assert (one["domains"][name]["tokens"], one["domains"][name]["bytes"]) == (d["tokens"], d["bytes"])
+        assert one["domains"][name]["loss"] == pytest.approx(d["loss"], rel=1e-5)
+    total = sum(d["tokens"] for d in two["domains"].values())
+    assert two["token_weighted"]["weights"] == {
+        n: pytest.approx(d["tokens"] / total) for n, d in two["domains"].items()
+    }
 
     # the HF export evaluates the same (loaded into ZeRO-3 partitions by the trainer, one process)
     hf_json = tmp_path / "eval_hf.json"

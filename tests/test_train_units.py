@@ -108,11 +108,11 @@ def test_mixer_factory(make_shard):
 
 def test_summarize_eval_averages_and_worst():
     out = summarize_eval(["a", "b", "c"], np.array([10.0, 40.0, 0.0]), np.array([10.0, 20.0, 0.0]))
-    assert out["domains"]["a"] == {"loss": 1.0, "ppl": math.e, "tokens": 10}
+    assert out["domains"]["a"] == {"loss": 1.0, "ppl": math.e, "bpb": None, "tokens": 10, "bytes": None}
     assert out["domains"]["c"]["loss"] is None
     assert out["token_weighted"]["loss"] == pytest.approx(50 / 30)
     assert out["uniform"]["loss"] == pytest.approx(1.5)
-    assert out["worst"] == {"domain": "b", "loss": 2.0, "ppl": math.exp(2.0)}
+    assert out["worst"] == {"domain": "b", "loss": 2.0, "ppl": math.exp(2.0), "bpb": None}
     assert "worst (b)" in format_eval_table(out)
 
 

@@ -22,12 +22,24 @@ def main(argv: list[str] | None = None) -> int:
         "--tokenizer", default=None, help="tokenizer dir or tokenizer.json (default: the run config's)"
     )
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument(
+        "--max-position-embeddings",
+        type=int,
+        default=None,
+        help="the export's max_position_embeddings (default: the model config's if set, else the trained seq_length)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from megatron_doremi.training.export import export_hf
 
     try:
-        out = export_hf(args.checkpoint, args.output, tokenizer=args.tokenizer, dtype=args.dtype)
+        out = export_hf(
+            args.checkpoint,
+            args.output,
+            tokenizer=args.tokenizer,
+            dtype=args.dtype,
+            max_position_embeddings=args.max_position_embeddings,
+        )
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -215,7 +215,7 @@ def build_domain_datasets(
         datasets: list[Any] = []
         if packing == "megatron":
             weights = None if mix.weights_from_sizes else mix.weights
-            sizes = _megatron_sizes(mix, weights, targets.get(split_name))
+            sizes = _megatron_sizes(mix, weights, targets.get(split_name), split_name)
         for d, (domain, domain_shards) in enumerate(zip(mix.domains, shards)):
             if packing == "megatron":
                 ds = _megatron_dataset(domain.name, domain_shards, split_name, split_string, seq_length, seed,
@@ -243,8 +243,15 @@ def build_domain_datasets(
     return out
 
 
-def _megatron_sizes(mix: Mixture, weights: np.ndarray | None, target: int | None) -> list[int | None]:
+def _megatron_sizes(
+    mix: Mixture, weights: np.ndarray | None, target: int | None, split_name: str = "train"
+) -> list[int | None]:
+    """Per-domain GPTDataset sizes; an evaluation split without a target (``eval_iters: "all"``) is one epoch
+    of every domain."""
     from megatron_doremi.data.megatron_gpt import megatron_num_samples
+
+    if target is None and split_name != "train":
+        return [None] * mix.num_domains
 
     if weights is not None and target is None:
         raise DataError(

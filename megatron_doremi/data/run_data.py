@@ -93,16 +93,19 @@ def _tokenizer_eod(tokenizer: str | None) -> int:
 
 
 def sample_targets(
-    train_iters: int, global_batch_size: int, eval_interval: int, eval_iters: int
-) -> dict[str, int]:
+    train_iters: int, global_batch_size: int, eval_interval: int, eval_iters: int | str
+) -> dict[str, int | None]:
     """Samples Megatron-LM requests per split (``get_train_valid_test_num_samples``): train
     ``train_iters * B``; valid ``(train_iters // eval_interval + 1) * eval_iters * B`` (one evaluation when
-    ``eval_interval`` is 0); test ``eval_iters * B``."""
+    ``eval_interval`` is 0); test ``eval_iters * B``. ``eval_iters="all"``: valid and test are None (one epoch
+    of each domain's split, every sample once)."""
     points = train_iters // eval_interval + 1 if eval_interval > 0 else 1
+    if eval_iters == "all":
+        return {"train": train_iters * global_batch_size, "valid": None, "test": None}
     return {
         "train": train_iters * global_batch_size,
-        "valid": points * eval_iters * global_batch_size,
-        "test": eval_iters * global_batch_size,
+        "valid": points * int(eval_iters) * global_batch_size,
+        "test": int(eval_iters) * global_batch_size,
     }
 
 

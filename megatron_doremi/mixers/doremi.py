@@ -3,9 +3,12 @@
 The mixer sees only the global per-domain statistics of each optimizer step (see :mod:`.base`); the engine computes
 them (proxy and reference token losses, clipped excess, one all-reduce). The rule, exactly DESIGN section 4:
 
-* ``s`` = reference (sampling) weights, ``α_0`` = initial weights, both normalised float64 [D].
+* ``s`` = the proxy's sampling weights (default uniform, as the authors' proxy samples), ``α_0`` = initial
+  weights, both normalised float64 [D]. ``reference_weights`` (what the reference model trained on) is recorded,
+  and is what ``initial_weights="reference"`` means; it enters no formula.
 * After step ``t``: ``λ_d = excess_sum_d / token_count_d``; a domain with ``token_count_d == 0`` keeps its previous
-  ``λ_d`` (initially 0). With ``use_reference=False`` (the ``reference: null`` debug mode) ``loss_sum`` replaces
+  ``λ_d`` (initially ``initial_score``, default 0; the authors' code starts at log|V|). With
+  ``use_reference=False`` (the ``reference: null`` debug mode) ``loss_sum`` replaces
   ``excess_sum``.
 * If ``t`` is an update step (``t > warmup_step``, ``(t - warmup_step) % update_step == 0``, fewer than
   ``update_times`` updates so far): ``z = log α + η λ``; ``α' = softmax(z)``; ``α = (1 - ε) α' + ε / D``.
@@ -75,7 +78,8 @@ def _check_float(value: Any, key: str) -> float:
 class DoReMiMixer(Mixer):
     """DoReMi step-2 mixer over ``domain_names`` (the order of every [D] array it takes or returns).
 
-    Args (keyword): ``reference_weights`` s (default uniform), ``initial_weights`` α_0 (default uniform),
+    Args (keyword): ``sampling_weights`` s (the proxy samples with them; default uniform), ``reference_weights``
+    (the reference model's training weights, recorded; default uniform), ``initial_weights`` α_0 (default uniform),
     ``step_size`` η > 0, ``smoothing`` ε in [0, 1], ``warmup_step`` >= 0, ``update_step`` >= 1, ``update_times``
     (None = unlimited, else >= 0), ``resample``, ``use_reference``. Weights may be a [D] sequence in domain order or
     a ``{name: weight}`` mapping naming every domain. Invalid values raise :class:`MixerError` naming the key.
@@ -88,6 +92,7 @@ class DoReMiMixer(Mixer):
         domain_names: Sequence[str],
         *,
         reference_weights: WeightsArg = None,
+        sampling_weights: WeightsArg = None,
         initial_weights: WeightsArg = None,
         step_size: float = 1.0,
         smoothing: float = 1e-3,
@@ -96,6 +101,7 @@ class DoReMiMixer(Mixer):
         update_times: int | None = None,
         resample: bool = False,
         use_reference: bool = True,
+        initial_score: float = 0.0,
     ) -> None:
         super().__init__(domain_names)
         if len(set(self.domain_names)) != self.num_domains:
@@ -112,12 +118,16 @@ class DoReMiMixer(Mixer):
         self.update_times = None if update_times is None else _check_int(update_times, "update_times", 0)
         self.resample = _check_bool(resample, "resample")
         self.use_reference = _check_bool(use_reference, "use_reference")
+        self.initial_score = _check_float(initial_score, "initial_score")
+        if not math.isfinite(self.initial_score):
+            raise MixerError(f"doremi mixer: initial_score must be finite, got {initial_score!r}")
         self._ref: list[float] = self._resolve_weights(reference_weights, "reference_weights")
+        self._s: list[float] = self._resolve_weights(sampling_weights, "sampling_weights")
         self._init: list[float] = self._resolve_weights(initial_weights, "initial_weights")
-        if not self.resample and min(self._ref) <= 0.0:
+        if not self.resample and min(self._s) <= 0.0:
             raise MixerError(
-                "doremi mixer: reference_weights must all be > 0 when reweighting the loss (multiplier α/s); "
-                f"got {self._ref} (drop the domain from the mixture, or use resample)"
+                "doremi mixer: sampling_weights must all be > 0 when reweighting the loss (multiplier α/s); "
+                f"got {self._s} (drop the domain from the mixture, or use resample)"
             )
         if not self.use_reference:
             logger.warning(
@@ -131,7 +141,7 @@ class DoReMiMixer(Mixer):
         self._alpha: list[float] = list(self._init)
         self._alpha_sum: list[float] = list(self._init)  # α_0 + α_1 + ... + α_n
         self._alpha_count: int = 1  # n + 1
-        self._scores: list[float] = [0.0] * k  # λ (kept per domain across steps)
+        self._scores: list[float] = [self.initial_score] * k  # λ (kept per domain across steps)
         self._excess: list[float | None] = [None] * k  # last valid step's mean score input per domain
         self.num_updates: int = 0
         self.num_skipped: int = 0
@@ -164,14 +174,14 @@ class DoReMiMixer(Mixer):
     # ---- the Mixer interface ------------------------------------------------------------------------------------
 
     def sampling_weights(self) -> np.ndarray:
-        """float64 [D]: α_t in resample mode, else the reference weights s."""
-        return np.array(self._alpha if self.resample else self._ref, dtype=np.float64)
+        """float64 [D]: α_t in resample mode, else the proxy's sampling weights s."""
+        return np.array(self._alpha if self.resample else self._s, dtype=np.float64)
 
     def loss_multipliers(self) -> np.ndarray:
         """float64 [D] for the next step: ``(α_d / s_d) / Σ_e(α_e / s_e)`` with the current α (ones when resampling)."""
         if self.resample:
             return np.ones(self.num_domains, dtype=np.float64)
-        ratio = [a / s for a, s in zip(self._alpha, self._ref)]
+        ratio = [a / s for a, s in zip(self._alpha, self._s)]
         total = math.fsum(ratio)
         return np.array([r / total for r in ratio], dtype=np.float64)
 
@@ -276,7 +286,13 @@ class DoReMiMixer(Mixer):
 
     @property
     def reference_weights(self) -> np.ndarray:
+        """The reference model's training weights (recorded), float64 [D]."""
         return np.array(self._ref, dtype=np.float64)
+
+    @property
+    def proxy_sampling_weights(self) -> np.ndarray:
+        """s, float64 [D]: the proxy's sampling weights and the denominator of the loss multipliers α/s."""
+        return np.array(self._s, dtype=np.float64)
 
     @property
     def initial_weights(self) -> np.ndarray:
@@ -318,7 +334,9 @@ class DoReMiMixer(Mixer):
             "resample": self.resample,
             "use_reference": self.use_reference,
             "reference_weights": _hex_list(self._ref),
+            "sampling_weights": _hex_list(self._s),
             "initial_weights": _hex_list(self._init),
+            "initial_score": self.initial_score.hex(),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -356,6 +374,10 @@ class DoReMiMixer(Mixer):
         if not isinstance(saved, Mapping):
             raise MixerError("doremi mixer state: missing 'hparams'")
         mine = self._hparams()
+        if "sampling_weights" not in saved:  # saved before sampling_weights existed: s was reference_weights
+            saved = {**saved, "sampling_weights": saved.get("reference_weights")}
+        if "initial_score" not in saved:  # saved before initial_score existed: λ_0 was 0
+            saved = {**saved, "initial_score": (0.0).hex()}
         for key, value in mine.items():
             if saved.get(key) != value:
                 raise MixerError(

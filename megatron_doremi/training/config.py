@@ -11,13 +11,14 @@ Layout (every section optional except ``model``, ``data`` and ``schedule``; defa
       "mixer": {"type": "static", "weights": null},   # weights: null = the mixture's, a list, or {name: w}
                | {"type": "doremi", "reference": {"checkpoint": "runs/ref/checkpoints", "model": null,
                   "mode": "auto", "allow_architecture_mismatch": false} | "runs/ref/checkpoints" | null,
-                  "step_size": 1.0, "smoothing": 1e-3, "reference_weights": null, "initial_weights": null,
+                  "step_size": 1.0, "smoothing": 1e-3, "reference_weights": null,
+                  "sampling_weights": null (uniform), "initial_weights": null, "initial_score": 0.0,
                   "warmup_step": 0, "update_step": 1, "update_times": null, "resample": false}
                | {"type": "odm", ...}                    # see docs/doremi.md and mixers/odm.py
                | {"type": "aioli", ...}                  # needs held-out data; docs/mixers.md, mixers/aioli.py
       "schedule": {"seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr",
                    "warmup_iters", "lr_decay_style": "cosine"|"linear"|"constant", "lr_decay_iters": null},
-      "eval": {"eval_interval": 0, "eval_iters": 1, "micro_batch_size": null},
+      "eval": {"eval_interval": 0, "eval_iters": "all", "micro_batch_size": null},   # "all" | N (x global batch)
       "checkpoint": {"save": null, "save_interval": 0, "load": null, "export_hf": null,
                      "exit_duration_mins": null, "exit_signals": ["SIGTERM", "SIGUSR1"],
                      "keep_last": null, "restart": false},
@@ -68,8 +69,10 @@ from typing import Any
 from megatron_doremi.json_files import key_lines, read_json_file
 
 __all__ = [
+    "EVAL_ALL",
     "ConfigError",
     "RunConfig",
+    "eval_enabled",
     "apply_overrides",
     "load_run_config",
     "default_value",
@@ -78,6 +81,15 @@ __all__ = [
 ]
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
+#: ``eval.eval_iters`` value that evaluates every validation sample of every domain exactly once (the default)
+EVAL_ALL = "all"
+
+
+def eval_enabled(ev: dict[str, Any] | None) -> bool:
+    """Whether an ``eval`` section evaluates at all: ``eval_iters`` is "all" (the default) or an integer >= 1."""
+    value = (ev or {}).get("eval_iters", EVAL_ALL)
+    return value == EVAL_ALL or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+
 
 # section -> {key: default}; a key absent here is rejected (with a suggestion), except inside free-form values.
 _SCHEMA: dict[str, dict[str, Any]] = {
@@ -109,7 +121,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "lr_decay_style": "cosine",
         "lr_decay_iters": None,
     },
-    "eval": {"eval_interval": 0, "eval_iters": 1, "micro_batch_size": None},
+    "eval": {"eval_interval": 0, "eval_iters": "all", "micro_batch_size": None},
     "checkpoint": {
         "save": None,
         "save_interval": 0,
@@ -442,7 +454,11 @@ def _validate_doremi(source: str, mixer: dict[str, Any]) -> dict[str, Any]:
     smoothing = float(out.get("smoothing", 1e-3))
     if not 0.0 <= smoothing <= 1.0:
         raise ConfigError(f"{source}: mixer.smoothing (epsilon) must be in [0, 1], got {out['smoothing']!r}")
-    kwargs = {k: out[k] for k in ("warmup_step", "update_step", "update_times", "resample") if k in out}
+    kwargs = {
+        k: out[k]
+        for k in ("warmup_step", "update_step", "update_times", "resample", "initial_score")
+        if k in out
+    }
     try:
         DoReMiMixer(["a"], step_size=step_size, smoothing=smoothing, **kwargs)
     except MixerError as exc:
@@ -463,7 +479,7 @@ def _check_mixer_with_data(
     from megatron_doremi.training.mixer_factory import check_mixer_spec
 
     try:
-        built = check_mixer_spec(mixer, mix)
+        check_mixer_spec(mixer, mix)
     except MixerError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     if mixer["type"] == "doremi" and mixer.get("reference") is not None:
@@ -475,7 +491,6 @@ def _check_mixer_with_data(
             mix.names,
             seq_length,
             source,
-            reference_weights=getattr(built, "reference_weights", None),
             warn=False,  # the trainer warns (once, in its log)
             tokenizer=tokenizer,
         )
@@ -534,7 +549,14 @@ def validate_run_config(raw: dict[str, Any], source: str = "config", check_files
 
     ev = _section(source, raw, "eval")
     ev["eval_interval"] = _int(source, "eval.eval_interval", ev["eval_interval"], 0)
-    ev["eval_iters"] = _int(source, "eval.eval_iters", ev["eval_iters"], 0)
+    if ev["eval_iters"] != EVAL_ALL:
+        try:
+            ev["eval_iters"] = _int(source, "eval.eval_iters", ev["eval_iters"], 0)
+        except ConfigError:
+            raise ConfigError(
+                f'{source}: eval.eval_iters must be "all" (the whole validation split, once) or an integer >= 0 '
+                f"(that many global batches per domain), got {ev['eval_iters']!r}"
+            ) from None
     if ev["micro_batch_size"] is not None:
         ev["micro_batch_size"] = _int(source, "eval.micro_batch_size", ev["micro_batch_size"], 1)
 

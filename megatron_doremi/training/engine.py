@@ -49,7 +49,7 @@ from megatron_doremi.training.checkpoint import (
     read_latest,
     save_checkpoint,
 )
-from megatron_doremi.training.config import ConfigError, RunConfig
+from megatron_doremi.training.config import EVAL_ALL, ConfigError, RunConfig, eval_enabled
 from megatron_doremi.training.divergence import DivergenceError, DivergenceGuard
 from megatron_doremi.training.ds_config import resolve_deepspeed_config, zero_stage
 from megatron_doremi.training.evaluation import evaluate_domains
@@ -274,7 +274,6 @@ class Trainer:
             self.names,
             self.cfg.seq_length,
             self.cfg.source,
-            reference_weights=getattr(self.mixer, "reference_weights", None),
             tokenizer=self.cfg.tokenizer,
         )
         return ReferenceModel.build(
@@ -328,6 +327,7 @@ class Trainer:
                     "hf_config.json": self.hf_config,
                     "run_config.json": self.cfg.to_dict(),
                     "ds_config.json": self.ds_config,
+                    **self._tokenizer_digest_json(),
                 },
                 world_size=self.world_size,
                 device=self.device,
@@ -335,6 +335,15 @@ class Trainer:
             )
         self._last_saved = self.step
         logger.info("checkpoint: saved %s/global_step%d in %.1fs", save_dir, self.step, time.time() - t0)
+
+    def _tokenizer_digest_json(self) -> dict[str, Any]:
+        """``{"tokenizer_digest.json": {"path", "sha256"}}`` for the checkpoint (a DoReMi proxy checks a
+        reference's tokenizer against it), empty without a tokenizer file."""
+        if not hasattr(self, "_tok_digest"):
+            from megatron_doremi.training.reference import tokenizer_digest
+
+            self._tok_digest = tokenizer_digest(self.cfg.tokenizer)
+        return {} if self._tok_digest is None else {"tokenizer_digest.json": self._tok_digest}
 
     def resume(self, load_dir: str | None = None, tag: str | None = None, module_only: bool = False) -> bool:
         """Collective: load a checkpoint; False when there is none.
@@ -619,6 +628,7 @@ class Trainer:
                 "num_updates": int(getattr(mixer, "num_updates", 0)),
                 "num_skipped": int(getattr(mixer, "num_skipped", 0)),
                 "reference_weights": dict(zip(self.names, mixer.reference_weights.tolist())),
+                "sampling_weights": dict(zip(self.names, mixer.proxy_sampling_weights.tolist())),
                 "initial_weights": dict(zip(self.names, mixer.initial_weights.tolist())),
                 "step_size": mixer.step_size,
                 "smoothing": mixer.smoothing,
@@ -656,9 +666,25 @@ class Trainer:
 
     # ---- evaluation ----------------------------------------------------------------------------------------
 
-    def eval_num_samples(self) -> int:
-        """Samples per domain per evaluation: ``eval_iters x global_batch_size`` (capped by each split's size)."""
+    def eval_num_samples(self) -> int | None:
+        """Samples per domain per evaluation: ``eval_iters x global_batch_size`` (capped by each split's size);
+        None for ``eval_iters: "all"`` (every sample of the split once)."""
+        if self.cfg.eval["eval_iters"] == EVAL_ALL:
+            return None
         return int(self.cfg.eval["eval_iters"]) * self.cfg.global_batch_size
+
+    def token_bytes(self) -> np.ndarray | None:
+        """int64 [vocab]: UTF-8 bytes per token id from ``cfg.tokenizer`` (bits per byte), None without one."""
+        if not hasattr(self, "_token_bytes"):
+            from megatron_doremi.data.token_bytes import token_byte_lengths_for_path
+
+            path, self._token_bytes = self.cfg.tokenizer, None
+            if path is not None:
+                try:
+                    self._token_bytes = token_byte_lengths_for_path(path, self.vocab_size)
+                except (ValueError, OSError) as exc:  # TokenizerError is a ValueError
+                    logger.warning("bits per byte disabled: tokenizer %s cannot be read (%s)", path, exc)
+        return self._token_bytes
 
     def evaluate(self, split: str = "valid", on_batch: Any = None) -> dict[str, Any] | None:
         """Collective: per-domain evaluation on ``split``; None when the split does not exist."""
@@ -687,6 +713,7 @@ class Trainer:
                 self.world_size,
                 self.device,
                 on_batch=on_batch,
+                token_bytes=self.token_bytes(),
             )
         finally:
             engine.train()
@@ -694,7 +721,7 @@ class Trainer:
         return result
 
     def _run_eval(self, final: bool = False) -> None:
-        if int(self.cfg.eval["eval_iters"]) <= 0:
+        if not eval_enabled(self.cfg.eval):
             return
         result = self.evaluate("valid")
         self._eval_step = self.step
@@ -822,6 +849,7 @@ class Trainer:
             "skipped_steps": self.guard.skipped,
             "nonfinite_steps": self.guard.nonfinite,
             "diverged": False,
+            **self.flops_record(),
         }
         if self.rank == 0:
             out = cfg.output_dir
@@ -868,6 +896,7 @@ class Trainer:
             "skipped_steps": self.guard.skipped,
             "nonfinite_steps": self.guard.nonfinite,
             "diverged": False,
+            **self.flops_record(),
             "stopped": {"reason": reason, "step": self.step, "checkpoint": f"global_step{self.step}"},
         }
         if self.rank == 0:
@@ -888,9 +917,20 @@ class Trainer:
         self.exit_guard.restore()
         return summary
 
+    def flops_record(self) -> dict[str, Any]:
+        """Compute accounting of the run so far (every step since step 0, resumed attempts included):
+        :func:`~megatron_doremi.training.flops.run_flops` with the DoReMi reference's forward."""
+        from megatron_doremi.training.flops import run_flops
+
+        ref = None
+        if self.reference is not None:
+            ref = (int(self.reference.num_params), self.reference.info.model_config)
+        tokens = self.step * self.cfg.global_batch_size * self.cfg.seq_length
+        return run_flops(self.num_params, self.hf_config, self.cfg.seq_length, tokens, reference=ref)
+
     def _check_eval_vocab(self) -> None:
         """Collective: the validation samples evaluation will read have token ids < vocab_size."""
-        if "valid" not in self.datasets or not self.eval_num_samples():
+        if "valid" not in self.datasets or not eval_enabled(self.cfg.eval):
             return
         from megatron_doremi.training.preflight import check_split_vocab
 
@@ -898,7 +938,7 @@ class Trainer:
             self.datasets["valid"],
             self.names,
             "valid",
-            self.eval_num_samples(),
+            self.eval_num_samples() or max(len(ds) for ds in self.datasets["valid"]),
             self.vocab_size,
             self.rank,
             self.world_size,
@@ -966,9 +1006,10 @@ class Trainer:
             ref = getattr(self.mixer, "reference_weights", None)
             if ref is not None:
                 lines.append(f"DoReMi domain weights ({getattr(self.mixer, 'num_updates', 0)} updates)")
-                lines.append(f"  {'domain':<{width}}  {'reference':>9}  {'final α':>9}  {'average ᾱ':>9}")
-                for n, r in zip(self.names, ref):
-                    lines.append(f"  {n:<{width}}  {r:>9.4f}  {final[n]:>9.4f}  {avg[n]:>9.4f}")
+                head = f"{'reference':>9}  {'sampling':>9}  {'final α':>9}  {'average ᾱ':>9}"
+                lines.append(f"  {'domain':<{width}}  {head}")
+                for n, r, p in zip(self.names, ref, self.mixer.proxy_sampling_weights):
+                    lines.append(f"  {n:<{width}}  {r:>9.4f}  {p:>9.4f}  {final[n]:>9.4f}  {avg[n]:>9.4f}")
             else:
                 lines.append(f"{self.mixer.name} domain weights (sampling weights of the run)")
                 lines.append(f"  {'domain':<{width}}  {'final':>9}  {'average':>9}")

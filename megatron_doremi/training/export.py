@@ -56,17 +56,36 @@ def save_tokenizer(tokenizer_path: str, out_dir: str) -> None:
     tok.save_pretrained(out_dir)
 
 
+_LEARNED_POSITIONS = ("wpe.weight", "embed_positions.weight", "position_embeddings.weight")
+
+
+def _trained_positions(tag_dir: str) -> int | None:
+    """The trained ``schedule.seq_length`` when the run's model config left ``max_position_embeddings`` unset
+    (an inline model dict without it), else None (keep the saved config's)."""
+    run_cfg = os.path.join(tag_dir, "run_config.json")
+    if not os.path.isfile(run_cfg):
+        return None
+    cfg = read_json_file(run_cfg, "run config", ExportError, require_object=True)
+    model, seq = cfg.get("model"), (cfg.get("schedule") or {}).get("seq_length")
+    if isinstance(model, dict) and "max_position_embeddings" not in model and isinstance(seq, int):
+        return seq
+    return None
+
+
 def export_hf(
     checkpoint: str,
     out_dir: str,
     tokenizer: str | None = None,
     dtype: str = "auto",
     hf_config: dict[str, Any] | None = None,
+    max_position_embeddings: int | None = None,
 ) -> str:
     """Export ``checkpoint`` (a save dir with ``latest`` or a ``global_step<N>`` dir) to ``out_dir``.
 
     ``dtype``: "fp32", "bf16", "fp16" or "auto" (bf16 when the run trained in bf16, else fp32).
-    ``hf_config`` defaults to the checkpoint's ``hf_config.json``. The output is written to a temp directory and
+    ``hf_config`` defaults to the checkpoint's ``hf_config.json``. ``max_position_embeddings`` of the export:
+    the argument when given, else the run's model config's when the user set it there, else the trained
+    ``schedule.seq_length`` (not the architecture's default, which the model never saw positions up to). The output is written to a temp directory and
     renamed into place. Returns ``out_dir``.
     """
     from transformers import AutoModelForCausalLM
@@ -98,8 +117,13 @@ def export_hf(
                 "tokenizer"
             )
 
-    config = make_hf_config(hf_config)
     state = _consolidated_state_dict(load_dir, tag)
+    hf_config = dict(hf_config)
+    positions = max_position_embeddings or _trained_positions(tag_dir)
+    learned = any(k.endswith(_LEARNED_POSITIONS) for k in state)  # a position table fixes the size
+    if positions and not learned:
+        hf_config["max_position_embeddings"] = int(positions)
+    config = make_hf_config(hf_config)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["flops_per_token", "matmul_params", "training_flops"]
+__all__ = ["flops_per_token", "matmul_params", "run_flops", "training_flops"]
 
 
 def matmul_params(num_params: int, hf_config: Mapping[str, Any] | None = None) -> int:
@@ -51,3 +51,39 @@ def training_flops(
 ) -> float:
     """Total FLOPs of ``tokens`` tokens (6·P·tokens plus attention; 2·P·tokens forward-only for a reference)."""
     return float(tokens) * flops_per_token(params, num_layers, hidden_size, seq_length, backward=backward)
+
+
+def _model_flops(
+    num_params: int, hf_config: Mapping[str, Any] | None, seq_length: int, backward: bool
+) -> float:
+    cfg = hf_config or {}
+    return flops_per_token(
+        matmul_params(num_params, cfg),
+        int(cfg.get("num_hidden_layers") or 0),
+        int(cfg.get("hidden_size") or 0),
+        seq_length,
+        backward=backward,
+    )
+
+
+def run_flops(
+    num_params: int,
+    hf_config: Mapping[str, Any] | None,
+    seq_length: int,
+    tokens: int,
+    reference: tuple[int, Mapping[str, Any] | None] | None = None,
+) -> dict[str, Any]:
+    """Compute of a training run over ``tokens`` trained tokens: ``{"train_flops", "model_flops",
+    "reference_flops", "train_tokens"}``. ``model_flops`` = forward + backward of the trained model (≈ 6·N·tokens
+    plus attention); ``reference_flops`` = the forward of a DoReMi reference model (``(num_params, hf_config)``)
+    over the same tokens (≈ 2·N_ref·tokens), 0 without one; ``train_flops`` is their sum."""
+    model = float(tokens) * _model_flops(num_params, hf_config, seq_length, backward=True)
+    ref = 0.0
+    if reference is not None:
+        ref = float(tokens) * _model_flops(reference[0], reference[1], seq_length, backward=False)
+    return {
+        "train_flops": model + ref,
+        "model_flops": model,
+        "reference_flops": ref,
+        "train_tokens": int(tokens),
+    }

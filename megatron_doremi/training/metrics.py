@@ -51,21 +51,32 @@ def format_duration(seconds: float) -> str:
 
 
 def _num(value: Any, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+    if value is None:
+        width = "".join(c for c in fmt.split(".")[0] if c.isdigit())
+        return "-".rjust(int(width) if width else 1)
+    return format(value, fmt)
 
 
 def format_eval_table(result: dict[str, Any], title: str = "evaluation") -> str:
-    """A plain-text table of a :func:`summarize_eval` result."""
-    rows = [(name, d["loss"], d["ppl"], d["tokens"]) for name, d in result["domains"].items()]
+    """A plain-text table of a :func:`summarize_eval` result (loss, perplexity, bits per byte, tokens)."""
+    rows = [(name, d["loss"], d["ppl"], d.get("bpb"), d["tokens"]) for name, d in result["domains"].items()]
     width = max([len("token-weighted avg")] + [len(r[0]) for r in rows])
-    lines = [title, f"  {'domain':<{width}}  {'loss':>8}  {'ppl':>10}  {'tokens':>10}"]
-    for name, loss, ppl, tokens in rows:
-        lines.append(f"  {name:<{width}}  {_num(loss, '8.4f')}  {_num(ppl, '10.2f')}  {tokens:>10d}")
+    lines = [title, f"  {'domain':<{width}}  {'loss':>8}  {'ppl':>10}  {'bpb':>7}  {'tokens':>10}"]
+    for name, loss, ppl, bpb, tokens in rows:
+        lines.append(
+            f"  {name:<{width}}  {_num(loss, '8.4f')}  {_num(ppl, '10.2f')}  {_num(bpb, '7.4f')}  {tokens:>10d}"
+        )
     tw, uni, worst = result["token_weighted"], result["uniform"], result["worst"]
-    lines.append(f"  {'token-weighted avg':<{width}}  {_num(tw['loss'], '8.4f')}  {_num(tw['ppl'], '10.2f')}")
-    lines.append(f"  {'uniform avg':<{width}}  {_num(uni['loss'], '8.4f')}  {_num(uni['ppl'], '10.2f')}")
-    label = f"worst ({worst['domain']})"
-    lines.append(f"  {label:<{width}}  {_num(worst['loss'], '8.4f')}  {_num(worst['ppl'], '10.2f')}")
+    total = sum(r[4] for r in rows)
+    for label, row, tokens in (
+        ("token-weighted avg", tw, f"{total:>10d}"),
+        ("uniform avg", uni, ""),
+        (f"worst ({worst['domain']})", worst, ""),
+    ):
+        lines.append(
+            f"  {label:<{width}}  {_num(row['loss'], '8.4f')}  {_num(row['ppl'], '10.2f')}  "
+            f"{_num(row.get('bpb'), '7.4f')}  {tokens}".rstrip()
+        )
     return "\n".join(lines)
 
 

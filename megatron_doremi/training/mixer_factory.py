@@ -31,11 +31,13 @@ DOREMI_DEFAULTS: dict[str, Any] = {
     "step_size": 1.0,
     "smoothing": 1e-3,
     "reference_weights": None,
+    "sampling_weights": None,
     "initial_weights": None,
     "warmup_step": 0,
     "update_step": 1,
     "update_times": None,
     "resample": False,
+    "initial_score": 0.0,
 }
 
 
@@ -60,17 +62,17 @@ def _static(spec: dict[str, Any], mixture: Mixture) -> Mixer:
     return StaticMixer(mixture.names, resolved)
 
 
-def _weights_arg(value: Any, key: str, mixture: Mixture, allow_reference: bool) -> Any:
+def _weights_arg(value: Any, key: str, mixture: Mixture, allow: tuple[str, ...] = ()) -> Any:
     """``null``/"uniform" -> None (the mixer's uniform default), "mixture" -> the mixture's weights,
-    "reference" -> the sentinel "reference" (initial weights = the reference weights), lists/maps unchanged."""
+    a name in ``allow`` ("reference", "sampling") -> itself (resolved by the caller), lists/maps unchanged."""
     if value is None or value == "uniform":
         return None
     if value == "mixture":
         return [float(w) for w in mixture.weights]
-    if value == "reference" and allow_reference:
-        return "reference"
+    if isinstance(value, str) and value in allow:
+        return value
     if isinstance(value, str):
-        choices = '"uniform", "mixture"' + (', "reference"' if allow_reference else "")
+        choices = ", ".join(['"uniform"', '"mixture"', *(f'"{a}"' for a in allow)])
         raise MixerError(
             f"mixer.{key}: expected null, {choices}, a list in domain order or {{name: weight}}, got {value!r}"
         )
@@ -80,9 +82,12 @@ def _weights_arg(value: Any, key: str, mixture: Mixture, allow_reference: bool) 
 def doremi_kwargs(spec: dict[str, Any], mixture: Mixture) -> dict[str, Any]:
     """``DoReMiMixer`` keyword arguments from a ``{"type": "doremi", ...}`` spec (MixerError naming the key).
 
-    ``reference_weights`` (the sampling weights s; the weights the reference model was trained on): null or
-    "uniform" (default), "mixture" (the mixture's weights), a list in domain order or ``{name: w}``.
-    ``initial_weights`` (α_0): the same forms plus "reference" (= s); default uniform.
+    ``reference_weights`` (the weights the reference model was trained on; recorded, checked against the
+    reference checkpoint): null or "uniform" (default), "mixture" (the mixture's weights), a list in domain order
+    or ``{name: w}``. ``sampling_weights`` (s: the proxy samples domains with them, and the loss multipliers are
+    α/s): the same forms plus "reference" (= reference_weights); default uniform, as the authors' proxy runs.
+    ``initial_weights`` (α_0): the same forms plus "reference" and "sampling"; default uniform.
+    ``initial_score``: λ_0 of every domain (default 0; the authors' code uses log(vocab size)).
     """
     known = {"type", "reference", *DOREMI_DEFAULTS}
     unknown = sorted(set(spec) - known)
@@ -96,12 +101,16 @@ def doremi_kwargs(spec: dict[str, Any], mixture: Mixture) -> dict[str, Any]:
             "null to run without a reference model (a debug mode, not DoReMi)"
         )
     s = {**DOREMI_DEFAULTS, **spec}
-    ref = _weights_arg(s["reference_weights"], "reference_weights", mixture, allow_reference=False)
-    init = _weights_arg(s["initial_weights"], "initial_weights", mixture, allow_reference=True)
-    if isinstance(init, str):  # "reference"
-        init = ref
+    ref = _weights_arg(s["reference_weights"], "reference_weights", mixture)
+    sampling = _weights_arg(s["sampling_weights"], "sampling_weights", mixture, ("reference",))
+    if isinstance(sampling, str):  # "reference"
+        sampling = ref
+    init = _weights_arg(s["initial_weights"], "initial_weights", mixture, ("reference", "sampling"))
+    if isinstance(init, str):
+        init = ref if init == "reference" else sampling
     return {
         "reference_weights": ref,
+        "sampling_weights": sampling,
         "initial_weights": init,
         "step_size": s["step_size"],
         "smoothing": s["smoothing"],
@@ -109,6 +118,7 @@ def doremi_kwargs(spec: dict[str, Any], mixture: Mixture) -> dict[str, Any]:
         "update_step": s["update_step"],
         "update_times": s["update_times"],
         "resample": s["resample"],
+        "initial_score": s["initial_score"],
         "use_reference": spec["reference"] is not None,
     }
 

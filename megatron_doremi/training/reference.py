@@ -13,8 +13,9 @@ config (dict, ``.json`` file or HF directory); by default the checkpoint's own `
 group or model exists): the checkpoint exists (the error names the path); its vocabulary equals the proxy's; its
 architecture (:data:`ARCH_KEYS`) equals the proxy's unless ``allow_architecture_mismatch``; its
 ``max_position_embeddings`` covers ``seq_length``; a trainer checkpoint was trained on the same domain names.
-A reference trained on other sampling weights than the proxy's reference weights, or stopped before its
-``train_iters``, only gives a warning.
+A reference stopped before its ``train_iters`` only gives a warning. The reference may have trained on other
+weights than the proxy samples with (``mixer.sampling_weights``; the authors' Pile setup: the reference on the Pile's
+weights, the proxy uniform): the loss multipliers α/s use the proxy's own sampling weights.
 
 **Modes** (:class:`ReferenceModel`): ``replicated`` - every rank holds the whole model (a plain module in eval
 mode, ``requires_grad=False``, in the proxy's compute dtype: bf16/fp16 when its DeepSpeed config enables them);
@@ -31,7 +32,6 @@ import contextlib
 import glob
 import io
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -52,6 +52,7 @@ __all__ = [
     "ReferenceModel",
     "check_reference",
     "parse_reference_spec",
+    "tokenizer_digest",
 ]
 
 REFERENCE_MODES = ("auto", "replicated", "zero3")
@@ -179,6 +180,13 @@ def _tokenizer_file(path: str | None) -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def tokenizer_digest(path: str | None) -> dict[str, str] | None:
+    """``{"path", "sha256"}`` of a run's tokenizer file (saved with every checkpoint as
+    ``tokenizer_digest.json``), None when the run has no tokenizer file."""
+    file = _tokenizer_file(path)
+    return None if file is None else {"path": os.path.abspath(file), "sha256": _file_digest(file)}
+
+
 def _file_digest(path: str) -> str:
     import hashlib
 
@@ -213,14 +221,13 @@ def check_reference(
     domain_names: Sequence[str],
     seq_length: int,
     source: str,
-    reference_weights: Sequence[float] | None = None,
     warn: bool = True,
     tokenizer: str | None = None,
 ) -> ReferenceInfo:
     """Everything about the reference that can be checked without building it (see the module docstring).
 
-    Raises ConfigError naming the key and path; with ``warn``, logs warnings for a reference that is usable but
-    suspicious (trained on other weights, unfinished). ``tokenizer``: the proxy run's tokenizer path, compared
+    Raises ConfigError naming the key and path; with ``warn``, logs a warning for a reference that is usable but
+    unfinished. ``tokenizer``: the proxy run's tokenizer path, compared
     with the reference run's when both tokenizer files exist.
     """
     path = spec["checkpoint"]
@@ -229,6 +236,7 @@ def check_reference(
     domains = weights = None
     step = train_iters = None
     ref_tokenizer = None
+    ref_digest: dict[str, Any] | None = None  # the digest saved with a trainer checkpoint
     if kind == "deepspeed":
         cfg_file = os.path.join(weights_dir, "hf_config.json")
         saved = _read_json(cfg_file, "reference model config") if os.path.isfile(cfg_file) else None
@@ -243,9 +251,12 @@ def check_reference(
                 weights = None
         run_file = os.path.join(weights_dir, "run_config.json")
         if os.path.isfile(run_file):
-            train_iters = (_read_json(run_file, "reference run config").get("schedule") or {}).get(
-                "train_iters"
-            )
+            run_cfg = _read_json(run_file, "reference run config")
+            train_iters = (run_cfg.get("schedule") or {}).get("train_iters")
+            ref_tokenizer = run_cfg.get("tokenizer")  # a path: compared when it still exists
+        digest_file = os.path.join(weights_dir, "tokenizer_digest.json")
+        if os.path.isfile(digest_file):
+            ref_digest = _read_json(digest_file, "reference tokenizer digest")
     else:
         saved = _read_json(os.path.join(path, "config.json"), "reference model config")
         ref_tokenizer = path
@@ -281,7 +292,12 @@ def check_reference(
             )
         logger.warning("reference and proxy architectures differ (allowed): %s", ", ".join(diff))
     mine, theirs = _tokenizer_file(tokenizer), _tokenizer_file(ref_tokenizer)
-    if mine and theirs and _file_digest(mine) != _file_digest(theirs):
+    if mine and isinstance(ref_digest, dict) and isinstance(ref_digest.get("sha256"), str):
+        theirs = str(ref_digest.get("path"))
+        differs = _file_digest(mine) != ref_digest["sha256"]
+    else:
+        differs = bool(mine and theirs and _file_digest(mine) != _file_digest(theirs))
+    if differs:
         raise ConfigError(
             f"{source}: the reference model {path} was trained with the tokenizer {theirs}, which differs from this "
             f"run's tokenizer {mine}: reference and proxy must share the tokenizer"
@@ -297,20 +313,6 @@ def check_reference(
             f"{source}: the reference checkpoint {weights_dir} was trained on domains {list(domains)} but this "
             f"run's mixture has {list(domain_names)}: the reference and the proxy must use the same domains"
         )
-    if (
-        warn
-        and weights is not None
-        and reference_weights is not None
-        and len(weights) == len(reference_weights)
-    ):
-        total = math.fsum(weights)
-        if total > 0 and max(abs(w / total - r) for w, r in zip(weights, reference_weights)) > 1e-6:
-            logger.warning(
-                "the reference model was trained with sampling weights %s but the proxy's reference_weights are "
-                "%s; DoReMi assumes they are the same (set mixer.reference_weights)",
-                [round(w / total, 4) for w in weights],
-                [round(float(r), 4) for r in reference_weights],
-            )
     if warn and isinstance(step, int) and isinstance(train_iters, int) and step < train_iters:
         logger.warning(
             "the reference checkpoint %s is at step %d of its %d train_iters (unfinished run?)",
