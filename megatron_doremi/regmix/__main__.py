@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
 
-    f = sub.add_parser("fit", help="fit LightGBM and linear regressors on finished runs")
+    f = sub.add_parser("fit", help="fit LightGBM, ridge and log-linear regressors on finished runs")
     f.add_argument("runs")
     f.add_argument(
         "--target", default="average", help="a domain name, or 'average' (uniform mean of domain losses)"
@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--linear-features", choices=("both", "log", "weights"), default="both")
     f.add_argument("--eps", type=float, default=0.01, help="log(w + eps) in the linear features")
+    f.add_argument("--regressor", default="all",
+                   help="'all' or a comma list of lightgbm, linear, loglinear (Olmix's law exp(c) + exp(t.w))")  # fmt: skip
+    f.add_argument("--huber-delta", type=float, default=None,
+                   help="Huber threshold of the log-linear fit (default: 10%% of the target's std over the runs)")  # fmt: skip
 
     q = sub.add_parser("search", help="score sampled candidates with the fitted regressor, average the top-k")
     q.add_argument("runs")
@@ -267,7 +271,10 @@ def _f(v: Any) -> str:
 def cmd_fit(args: argparse.Namespace) -> int:
     from megatron_doremi.regmix.fit import FIT_DIR, fit_runs
 
-    doc = fit_runs(args.runs, args.target, args.holdout, args.seed, args.linear_features, args.eps)
+    doc = fit_runs(
+        args.runs, args.target, args.holdout, args.seed, args.linear_features, args.eps,
+        regressors=args.regressor, huber_delta=args.huber_delta,
+    )  # fmt: skip
     print(
         f"fit target {doc['target']!r} on {doc['num_runs']} runs ({len(doc['test_runs'])} held out"
         f"{', ' + str(len(doc['unfinished'])) + ' unfinished skipped' if doc['unfinished'] else ''})"
@@ -276,12 +283,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     for k, r in doc["regressors"].items():
         h = r["holdout"]
         print(f"  {k:<9}  {_f(h['spearman']):>17}  {_f(h['pearson']):>7}  {_f(h['rmse']):>6}")
+    print(f"  {doc['verdict']}")
     if len(doc["test_runs"]) < 5:
         print(f"  note: held-out metrics from {len(doc['test_runs'])} runs are noisy; train more proxies")
     print(f"  best observed run: {doc['best_observed']['run']} ({doc['best_observed']['loss']:.4f})")
-    print(
-        f"  wrote {Path(args.runs) / FIT_DIR}/{{fit.json, lightgbm_model.txt, linear_model.json, pred_vs_actual.png}}"
-    )
+    files = ", ".join(["fit.json", *(r["model"] for r in doc["regressors"].values()), "pred_vs_actual.png"])
+    print(f"  wrote {Path(args.runs) / FIT_DIR}/{{{files}}}")
     return 0
 
 

@@ -193,7 +193,8 @@ def run_search(
     """The ``regmix search`` command: returns ``{"weights", "names", "paths", "extra"}``."""
     runs = Path(runs_dir)
     man = load_manifest(runs)
-    predict, fit_doc = load_regressor(runs, regressor)
+    model, fit_doc = load_regressor(runs, regressor)
+    predict = model.predict
     names = list(man["domain_names"])
     if list(fit_doc.get("domain_names", [])) != names:
         raise RegmixError(
