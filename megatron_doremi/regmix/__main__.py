@@ -115,9 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--huber-delta", type=float, default=None,
                    help="Huber threshold of the log-linear fit (default: 10%% of the target's std over the runs)")  # fmt: skip
 
-    q = sub.add_parser("search", help="score sampled candidates with the fitted regressor, average the top-k")
+    q = sub.add_parser(
+        "search", help="minimise the fitted regressor over mixtures (capped) -> domain_weights.json"
+    )
     q.add_argument("runs")
-    q.add_argument("--regressor", choices=("lightgbm", "linear"), default="lightgbm")
+    q.add_argument("--regressor", choices=("lightgbm", "linear", "loglinear"), default="lightgbm")
+    q.add_argument("--optimizer", choices=("sample", "exact"), default="sample",
+                   help="sample: score sampled candidates, average the top-k; exact: SLSQP on the capped simplex "
+                   "(linear/loglinear)")  # fmt: skip
+    q.add_argument("--budget-tokens", type=float, default=None,
+                   help="planned main-run tokens N: caps w_d * N <= E * tokens_d (default: the manifest's proxy cap)")  # fmt: skip
+    q.add_argument("--max-epochs", type=float, default=None,
+                   help="epoch cap E with --budget-tokens (default 4; without it: overrides the manifest's)")  # fmt: skip
+    q.add_argument("--kl-prior", default=None, help="weights file q for the penalty kl_weight * KL(w || q)")
+    q.add_argument("--kl-weight", type=float, default=0.0, help="lambda of the KL penalty (needs --kl-prior)")
+    q.add_argument("--starts", type=int, default=8, help="SLSQP starts of --optimizer exact")
     q.add_argument("--num-candidates", type=int, default=1_000_000)
     q.add_argument("--top-k", type=int, default=100)
     q.add_argument("--seed", type=int, default=0)
@@ -298,12 +310,26 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from megatron_doremi.regmix.search import run_search
 
-    res = run_search(args.runs, args.regressor, args.num_candidates, args.top_k, args.seed, args.out)
+    res = run_search(
+        args.runs, args.regressor, args.num_candidates, args.top_k, args.seed, args.out,
+        optimizer=args.optimizer, budget_tokens=args.budget_tokens, max_epochs=args.max_epochs,
+        kl_prior=args.kl_prior, kl_weight=args.kl_weight, starts=args.starts,
+    )  # fmt: skip
     ex = res["extra"]
-    print(
-        f"searched {ex['num_candidates']:,} candidates with {args.regressor}; top {ex['top_k']} averaged; "
-        f"predicted {ex['target']} loss {ex['predicted_loss']:.4f}"
+    how = (
+        f"exact minimum ({ex['exact']['starts']} starts, {ex['exact']['converged']} converged)"
+        if args.optimizer == "exact"
+        else f"{ex['num_candidates']:,} candidates, top {ex['top_k']} averaged"
     )
+    print(f"searched with {args.regressor}: {how}; predicted {ex['target']} loss {ex['predicted_loss']:.4f}")
+    caps = ex["caps"]
+    if caps:
+        print(
+            f"  caps ({caps['source']}): {caps['max_epochs']:g} epochs of {caps['budget_tokens']:.4g} tokens; "
+            f"binding: {', '.join(caps['binding']) or 'none'}"
+        )
+    else:
+        print("  no repetition caps (pass --budget-tokens N --max-epochs E for the main run)")
     width = max(len(n) for n in res["names"])
     for n, w in zip(res["names"], res["weights"]):
         print(f"  {n:<{width}}  {w:.4f}  (prior {ex['prior'][n]:.4f})")
