@@ -136,7 +136,47 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--out", default=None, help="output domain_weights.json (default RUNS/domain_weights.json)"
     )
+    _add_reuse_parser(sub)
     return p
+
+
+def _add_reuse_parser(sub: Any) -> None:
+    r = sub.add_parser("reuse", help="re-mix only the changed domains; unchanged ones keep their ratios")
+    r.add_argument("--previous", required=True, help="the previous domain_weights.json")
+    r.add_argument("--mixture", required=True, help="the new mixture (JSON or --data-path string)")
+    r.add_argument("--runs", required=True,
+                   help="swarm directory: sampled here when it has no manifest.json, fitted once trained")  # fmt: skip
+    r.add_argument("--changed", default=None,
+                   help="comma list of domains whose data changed (added to what the fingerprints detect; "
+                   "'none' when nothing was recorded and only added domains changed)")  # fmt: skip
+    r.add_argument("--removed", default=None, help="comma list of previous domains the new mixture drops")
+    r.add_argument("--previous-manifest", default=None,
+                   help="the previous study's manifest.json (its fingerprint or token counts) for change detection")  # fmt: skip
+    r.add_argument(
+        "--out", default=None, help="output domain_weights.json (default RUNS/domain_weights.json)"
+    )
+    r.add_argument("--base-config", default=None, help="proxy run config (phase 1)")
+    r.add_argument("--num-runs", type=int, default=None, help="swarm size (default max(8, 4 x coordinates))")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--concentrations", type=_floats, default=list(DEFAULT_CONCENTRATIONS))
+    r.add_argument(
+        "--max-epochs", type=float, default=4.0, help="epoch cap of the proxies and of the main run"
+    )
+    r.add_argument(
+        "--planned-tokens", type=float, default=None, help="tokens per proxy (default: base config)"
+    )
+    r.add_argument("--min-weight", type=float, default=0.01)
+    r.add_argument("--min-distance", type=float, default=0.02)
+    r.add_argument("--mixture-key", default="data.mixture")
+    r.add_argument("--output-key", default="output_dir")
+    r.add_argument("--target", default="average")
+    r.add_argument("--holdout", type=float, default=0.25)
+    r.add_argument("--regressor", choices=("lightgbm", "linear", "loglinear"), default="loglinear")
+    r.add_argument("--optimizer", choices=("sample", "exact"), default="exact")
+    r.add_argument("--budget-tokens", type=float, default=None, help="planned main-run tokens for the caps")
+    r.add_argument("--num-candidates", type=int, default=100_000, help="--optimizer sample")
+    r.add_argument("--top-k", type=int, default=100, help="--optimizer sample")
 
 
 # ---- sample ---------------------------------------------------------------------------------------------------------
@@ -167,6 +207,7 @@ def _train_fraction(cfg: dict[str, Any] | None) -> float:
 def cmd_sample(args: argparse.Namespace) -> int:
     from megatron_doremi.data.mixture import Mixture
     from megatron_doremi.mixers.heuristics import domain_token_counts
+    from megatron_doremi.regmix.fingerprint import data_fingerprint
     from megatron_doremi.regmix.runs import read_json, write_runs
     from megatron_doremi.regmix.sample import sample_mixtures
 
@@ -213,6 +254,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "domain_names": names,
         "prefixes": {d.name: [str(Path(p).absolute()) for p in d.prefixes] for d in mixture.domains},
         "tokens": {n: int(t) for n, t in zip(names, tokens)},
+        "fingerprint": data_fingerprint(mixture),
         "cap_tokens": {n: float(t) for n, t in zip(names, cap_tokens)},
         "prior": dict(zip(names, res.prior.tolist())),
         "proposals": res.proposals,
@@ -340,9 +382,59 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- reuse ----------------------------------------------------------------------------------------------------------
+
+
+def cmd_reuse(args: argparse.Namespace) -> int:
+    from megatron_doremi.data.mixture import Mixture
+    from megatron_doremi.regmix.reuse import finish_reuse, plan_reuse, sample_reuse_swarm, write_reuse_weights
+    from megatron_doremi.regmix.runs import MANIFEST, read_json
+
+    mixture = Mixture.load(args.mixture)
+    plan = plan_reuse(args.previous, mixture, args.changed, args.removed, args.previous_manifest)
+    runs = Path(args.runs)
+    out = Path(args.out) if args.out else runs / "domain_weights.json"
+    print(f"reuse of {args.previous} ({plan.detection}):")
+    notes = {n: f" (ratio {plan.ratios.get(n, 0.0):.4f})" for n in plan.unchanged}
+    notes.update({n: f" ({why})" for n, why in plan.reasons.items()})
+    for label, items in (
+        ("unchanged", plan.unchanged), ("revised", plan.revised), ("added", plan.added), ("removed", plan.removed),
+    ):  # fmt: skip
+        print(f"  {label:<9}  {', '.join(n + notes.get(n, '') for n in items) or '-'}")
+    if not plan.changed:
+        if not plan.ratios:
+            raise RegmixError(
+                f"{args.previous}: every remaining domain has weight 0 and none changed: nothing to mix"
+            )
+        weights = plan.expand([1.0])
+        write_reuse_weights(out, plan, mixture, weights, {"compute": {"proxy_runs": 0}})
+        print(f"  nothing to re-mix: the previous ratios renormalised -> {out}")
+        return 0
+    coords = list(plan.coordinates)
+    if not (runs / MANIFEST).exists():
+        base = read_json(args.base_config, "base run config") if args.base_config else None
+        man = sample_reuse_swarm(plan, mixture, runs, args, base)
+        print(
+            f"  sampled {len(man['runs'])} proxies over {len(coords)} coordinates ({', '.join(coords)}) into {runs}"
+        )
+        print(f"  next: python -m megatron_doremi.regmix train {runs}   then rerun this command")
+        return 0
+    ex = finish_reuse(plan, mixture, runs, out, args)
+    print(
+        f"  {ex['compute']['proxy_runs']} proxies over {len(coords)} coordinates; {args.regressor} + {args.optimizer}"
+    )
+    print("  virtual: " + ", ".join(f"{k}={v:.4f}" for k, v in ex["virtual_weights"].items()))
+    if ex["caps"]:
+        print(f"  binding caps: {', '.join(ex['caps']['binding_domains']) or 'none'}")
+    print(f"  wrote {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"sample": cmd_sample, "train": cmd_train, "fit": cmd_fit, "search": cmd_search}[args.cmd]
+    handler = {
+        "sample": cmd_sample, "train": cmd_train, "fit": cmd_fit, "search": cmd_search, "reuse": cmd_reuse,
+    }[args.cmd]  # fmt: skip
     try:
         return handler(args)
     except (ValueError, OSError) as exc:

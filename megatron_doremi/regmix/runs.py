@@ -546,7 +546,29 @@ def collect_results(runs_dir: str | os.PathLike[str]) -> RunResults:
             "train them first with 'regmix train'"
         )
     assert names is not None
-    return RunResults(names, runs, np.array(ws, dtype=np.float64), np.array(ls, dtype=np.float64), unfinished)
+    weights = np.array(ws, dtype=np.float64)
+    losses = np.array(ls, dtype=np.float64)
+    groups = _reuse_coordinates(runs_dir, names)
+    if groups is None:
+        return RunResults(names, runs, weights, losses, unfinished)
+    coords = np.stack(
+        [weights[:, [names.index(m) for m in members]].sum(axis=1) for members in groups.values()], 1
+    )
+    return RunResults(list(groups), runs, coords, losses, unfinished, loss_names=names)
+
+
+def _reuse_coordinates(runs_dir: str | os.PathLike[str], names: list[str]) -> dict[str, list[str]] | None:
+    """A reuse swarm's coordinates (manifest ``reuse.coordinates``: coordinate -> member domains), else None."""
+    path = Path(runs_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    groups = (read_json(path, "RegMix manifest").get("reuse") or {}).get("coordinates")
+    if not groups:
+        return None
+    unknown = sorted({m for ms in groups.values() for m in ms} - set(names))
+    if unknown:
+        raise RegmixError(f"{path}: reuse.coordinates name domains {unknown} that the runs' mixtures lack")
+    return {str(c): list(ms) for c, ms in groups.items()}
 
 
 TARGET_AVERAGE = "average"

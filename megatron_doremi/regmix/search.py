@@ -378,6 +378,7 @@ def run_search(
                 "max_weight": dict(zip(names, caps["max_weight"].tolist())),
                 "binding": binding_caps(weights, caps["max_weight"], names),
             },
+            "data_fingerprint": man.get("fingerprint"),
             "kl": None
             if q is None
             else {"prior": str(kl_prior), "weight": kl_weight, "kl_to_prior": kl_divergence(weights, q)},
