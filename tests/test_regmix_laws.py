@@ -226,6 +226,13 @@ def test_search_cli_exact_and_sample_under_main_run_caps(tmp_path, make_shard, c
     kl_free = float(np.sum(free * np.log(np.maximum(free, 1e-300) / uniform)))
     assert kdoc["kl"]["weight"] == 0.1 and kdoc["kl"]["kl_to_prior"] < 0.5 * kl_free
     capsys.readouterr()
+    # the ridge law is smooth too: exact search with its gradient, within the caps
+    lout = tmp_path / "linear/domain_weights.json"
+    lin = ["search", str(runs), "--regressor", "linear", "--optimizer", "exact", "--out", str(lout)]
+    assert main([*lin, "--budget-tokens", str(budget), "--max-epochs", "2"]) == 0
+    wl = np.array([json.loads(lout.read_text())["average"]["weights"][n] for n in NAMES])
+    assert np.all(wl * budget <= 2.0 * cap_tokens * (1 + 1e-9)) and abs(wl.sum() - 1) < 1e-9
+    capsys.readouterr()
     # bad inputs
     assert main([*args, "--budget-tokens", str(3 * cap_tokens.sum()), "--max-epochs", "2"]) == 1
     assert "repetition caps infeasible" in capsys.readouterr().err

@@ -373,8 +373,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         print("  no repetition caps (pass --budget-tokens N --max-epochs E for the main run)")
     width = max(len(n) for n in res["names"])
+    binding = set(caps["binding"]) if caps else set()
     for n, w in zip(res["names"], res["weights"]):
-        print(f"  {n:<{width}}  {w:.4f}  (prior {ex['prior'][n]:.4f})")
+        print(
+            f"  {n:<{width}}  {w:.4f}  (prior {ex['prior'][n]:.4f}){'  at its cap' if n in binding else ''}"
+        )
     for k, p in res["paths"].items():
         print(f"  {k}: {p}")
     weights_json = res["paths"].get("weights", args.out)
