@@ -154,3 +154,32 @@ def test_reuse_bad_inputs_and_removal_only(setup, capsys):
     prefixes_only.write_text(json.dumps(doc))
     plan = plan_reuse(str(prefixes_only), Mixture.from_json(new), removed="d")
     assert plan.revised == ["c"] and plan.reasons["c"] == "shard prefixes differ"
+
+
+def test_reuse_detects_changes_from_a_previous_manifest(setup):
+    tmp, prev, new = setup
+    doc = json.loads(prev.read_text())
+    fingerprint = doc.pop("data_fingerprint")
+    del doc["average"]["mixture"], doc["average"]["data_path"]
+    bare = tmp / "bare_weights.json"
+    bare.write_text(json.dumps(doc))
+    man = tmp / "manifest.json"
+    man.write_text(json.dumps({"fingerprint": fingerprint}))
+    plan = plan_reuse(str(bare), Mixture.from_json(new), removed="d", previous_manifest=str(man))
+    assert plan.revised == ["c"] and plan.unchanged == ["a", "b"] and "manifest.json" in plan.detection
+    # an older manifest: token counts and prefixes only; c's token count changed (5000 -> 5300)
+    tokens = {n: fp["tokens"] for n, fp in fingerprint.items()}
+    prefixes = {n: [s["prefix"] for s in fp["shards"]] for n, fp in fingerprint.items()}
+    man.write_text(json.dumps({"tokens": tokens, "prefixes": prefixes}))
+    plan = plan_reuse(str(bare), Mixture.from_json(new), removed="d", previous_manifest=str(man))
+    assert plan.revised == ["c"] and plan.reasons["c"] == "token count 5000 -> 5300"
+    # the same shard content at another path is no change
+    moved = tmp / "moved"
+    moved.mkdir()
+    for ext in (".bin", ".idx"):
+        (moved / f"a_text_document{ext}").write_bytes(Path(prefixes["a"][0] + ext).read_bytes())
+    spec = json.loads(Path(new).read_text())
+    spec["domains"]["a"]["prefixes"] = [str(moved / "a_text_document")]
+    moved_mix = mixture_file(tmp / "moved.json", {n: d["prefixes"][0] for n, d in spec["domains"].items()})
+    plan = plan_reuse(str(prev), Mixture.from_json(moved_mix), removed="d")
+    assert plan.unchanged == ["a", "b"]
