@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
 
-    f = sub.add_parser("fit", help="fit LightGBM and linear regressors on finished runs")
+    f = sub.add_parser("fit", help="fit LightGBM, ridge and log-linear regressors on finished runs")
     f.add_argument("runs")
     f.add_argument(
         "--target", default="average", help="a domain name, or 'average' (uniform mean of domain losses)"
@@ -110,17 +110,73 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--linear-features", choices=("both", "log", "weights"), default="both")
     f.add_argument("--eps", type=float, default=0.01, help="log(w + eps) in the linear features")
+    f.add_argument("--regressor", default="all",
+                   help="'all' or a comma list of lightgbm, linear, loglinear (Olmix's law exp(c) + exp(t.w))")  # fmt: skip
+    f.add_argument("--huber-delta", type=float, default=None,
+                   help="Huber threshold of the log-linear fit (default: 10%% of the target's std over the runs)")  # fmt: skip
 
-    q = sub.add_parser("search", help="score sampled candidates with the fitted regressor, average the top-k")
+    q = sub.add_parser(
+        "search", help="minimise the fitted regressor over mixtures (capped) -> domain_weights.json"
+    )
     q.add_argument("runs")
-    q.add_argument("--regressor", choices=("lightgbm", "linear"), default="lightgbm")
+    q.add_argument("--regressor", choices=("lightgbm", "linear", "loglinear"), default="lightgbm")
+    q.add_argument("--optimizer", choices=("sample", "exact"), default="sample",
+                   help="sample: score sampled candidates, average the top-k; exact: SLSQP on the capped simplex "
+                   "(linear/loglinear)")  # fmt: skip
+    q.add_argument("--budget-tokens", type=float, default=None,
+                   help="planned main-run tokens N: caps w_d * N <= E * tokens_d (default: the manifest's proxy cap)")  # fmt: skip
+    q.add_argument("--max-epochs", type=float, default=None,
+                   help="epoch cap E with --budget-tokens (default 4; without it: overrides the manifest's)")  # fmt: skip
+    q.add_argument("--kl-prior", default=None, help="weights file q for the penalty kl_weight * KL(w || q)")
+    q.add_argument("--kl-weight", type=float, default=0.0, help="lambda of the KL penalty (needs --kl-prior)")
+    q.add_argument("--starts", type=int, default=8, help="SLSQP starts of --optimizer exact")
     q.add_argument("--num-candidates", type=int, default=1_000_000)
     q.add_argument("--top-k", type=int, default=100)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument(
         "--out", default=None, help="output domain_weights.json (default RUNS/domain_weights.json)"
     )
+    _add_reuse_parser(sub)
     return p
+
+
+def _add_reuse_parser(sub: Any) -> None:
+    r = sub.add_parser("reuse", help="re-mix only the changed domains; unchanged ones keep their ratios")
+    r.add_argument("--previous", required=True, help="the previous domain_weights.json")
+    r.add_argument("--mixture", required=True, help="the new mixture (JSON or --data-path string)")
+    r.add_argument("--runs", required=True,
+                   help="swarm directory: sampled here when it has no manifest.json, fitted once trained")  # fmt: skip
+    r.add_argument("--changed", default=None,
+                   help="comma list of domains whose data changed (added to what the fingerprints detect; "
+                   "'none' when nothing was recorded and only added domains changed)")  # fmt: skip
+    r.add_argument("--removed", default=None, help="comma list of previous domains the new mixture drops")
+    r.add_argument("--previous-manifest", default=None,
+                   help="the previous study's manifest.json (its fingerprint or token counts) for change detection")  # fmt: skip
+    r.add_argument(
+        "--out", default=None, help="output domain_weights.json (default RUNS/domain_weights.json)"
+    )
+    r.add_argument("--base-config", default=None, help="proxy run config (phase 1)")
+    r.add_argument("--num-runs", type=int, default=None, help="swarm size (default max(8, 4 x coordinates))")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--concentrations", type=_floats, default=list(DEFAULT_CONCENTRATIONS))
+    r.add_argument(
+        "--max-epochs", type=float, default=4.0, help="epoch cap of the proxies and of the main run"
+    )
+    r.add_argument(
+        "--planned-tokens", type=float, default=None, help="tokens per proxy (default: base config)"
+    )
+    r.add_argument("--min-weight", type=float, default=0.01)
+    r.add_argument("--min-distance", type=float, default=0.02)
+    r.add_argument("--mixture-key", default="data.mixture")
+    r.add_argument("--output-key", default="output_dir")
+    r.add_argument("--target", default="average")
+    r.add_argument("--holdout", type=float, default=0.25)
+    r.add_argument("--regressor", choices=("lightgbm", "linear", "loglinear"), default="loglinear")
+    r.add_argument("--optimizer", choices=("sample", "exact"), default="exact")
+    r.add_argument("--budget-tokens", type=float, default=None, help="planned main-run tokens for the caps")
+    r.add_argument("--num-candidates", type=int, default=100_000, help="--optimizer sample")
+    r.add_argument("--top-k", type=int, default=100, help="--optimizer sample")
 
 
 # ---- sample ---------------------------------------------------------------------------------------------------------
@@ -151,6 +207,7 @@ def _train_fraction(cfg: dict[str, Any] | None) -> float:
 def cmd_sample(args: argparse.Namespace) -> int:
     from megatron_doremi.data.mixture import Mixture
     from megatron_doremi.mixers.heuristics import domain_token_counts
+    from megatron_doremi.regmix.fingerprint import data_fingerprint
     from megatron_doremi.regmix.runs import read_json, write_runs
     from megatron_doremi.regmix.sample import sample_mixtures
 
@@ -197,6 +254,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "domain_names": names,
         "prefixes": {d.name: [str(Path(p).absolute()) for p in d.prefixes] for d in mixture.domains},
         "tokens": {n: int(t) for n, t in zip(names, tokens)},
+        "fingerprint": data_fingerprint(mixture),
         "cap_tokens": {n: float(t) for n, t in zip(names, cap_tokens)},
         "prior": dict(zip(names, res.prior.tolist())),
         "proposals": res.proposals,
@@ -267,7 +325,10 @@ def _f(v: Any) -> str:
 def cmd_fit(args: argparse.Namespace) -> int:
     from megatron_doremi.regmix.fit import FIT_DIR, fit_runs
 
-    doc = fit_runs(args.runs, args.target, args.holdout, args.seed, args.linear_features, args.eps)
+    doc = fit_runs(
+        args.runs, args.target, args.holdout, args.seed, args.linear_features, args.eps,
+        regressors=args.regressor, huber_delta=args.huber_delta,
+    )  # fmt: skip
     print(
         f"fit target {doc['target']!r} on {doc['num_runs']} runs ({len(doc['test_runs'])} held out"
         f"{', ' + str(len(doc['unfinished'])) + ' unfinished skipped' if doc['unfinished'] else ''})"
@@ -276,12 +337,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     for k, r in doc["regressors"].items():
         h = r["holdout"]
         print(f"  {k:<9}  {_f(h['spearman']):>17}  {_f(h['pearson']):>7}  {_f(h['rmse']):>6}")
+    print(f"  {doc['verdict']}")
     if len(doc["test_runs"]) < 5:
         print(f"  note: held-out metrics from {len(doc['test_runs'])} runs are noisy; train more proxies")
     print(f"  best observed run: {doc['best_observed']['run']} ({doc['best_observed']['loss']:.4f})")
-    print(
-        f"  wrote {Path(args.runs) / FIT_DIR}/{{fit.json, lightgbm_model.txt, linear_model.json, pred_vs_actual.png}}"
-    )
+    files = ", ".join(["fit.json", *(r["model"] for r in doc["regressors"].values()), "pred_vs_actual.png"])
+    print(f"  wrote {Path(args.runs) / FIT_DIR}/{{{files}}}")
     return 0
 
 
@@ -291,15 +352,32 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from megatron_doremi.regmix.search import run_search
 
-    res = run_search(args.runs, args.regressor, args.num_candidates, args.top_k, args.seed, args.out)
+    res = run_search(
+        args.runs, args.regressor, args.num_candidates, args.top_k, args.seed, args.out,
+        optimizer=args.optimizer, budget_tokens=args.budget_tokens, max_epochs=args.max_epochs,
+        kl_prior=args.kl_prior, kl_weight=args.kl_weight, starts=args.starts,
+    )  # fmt: skip
     ex = res["extra"]
-    print(
-        f"searched {ex['num_candidates']:,} candidates with {args.regressor}; top {ex['top_k']} averaged; "
-        f"predicted {ex['target']} loss {ex['predicted_loss']:.4f}"
+    how = (
+        f"exact minimum ({ex['exact']['starts']} starts, {ex['exact']['converged']} converged)"
+        if args.optimizer == "exact"
+        else f"{ex['num_candidates']:,} candidates, top {ex['top_k']} averaged"
     )
+    print(f"searched with {args.regressor}: {how}; predicted {ex['target']} loss {ex['predicted_loss']:.4f}")
+    caps = ex["caps"]
+    if caps:
+        print(
+            f"  caps ({caps['source']}): {caps['max_epochs']:g} epochs of {caps['budget_tokens']:.4g} tokens; "
+            f"binding: {', '.join(caps['binding']) or 'none'}"
+        )
+    else:
+        print("  no repetition caps (pass --budget-tokens N --max-epochs E for the main run)")
     width = max(len(n) for n in res["names"])
+    binding = set(caps["binding"]) if caps else set()
     for n, w in zip(res["names"], res["weights"]):
-        print(f"  {n:<{width}}  {w:.4f}  (prior {ex['prior'][n]:.4f})")
+        print(
+            f"  {n:<{width}}  {w:.4f}  (prior {ex['prior'][n]:.4f}){'  at its cap' if n in binding else ''}"
+        )
     for k, p in res["paths"].items():
         print(f"  {k}: {p}")
     weights_json = res["paths"].get("weights", args.out)
@@ -307,9 +385,59 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- reuse ----------------------------------------------------------------------------------------------------------
+
+
+def cmd_reuse(args: argparse.Namespace) -> int:
+    from megatron_doremi.data.mixture import Mixture
+    from megatron_doremi.regmix.reuse import finish_reuse, plan_reuse, sample_reuse_swarm, write_reuse_weights
+    from megatron_doremi.regmix.runs import MANIFEST, read_json
+
+    mixture = Mixture.load(args.mixture)
+    plan = plan_reuse(args.previous, mixture, args.changed, args.removed, args.previous_manifest)
+    runs = Path(args.runs)
+    out = Path(args.out) if args.out else runs / "domain_weights.json"
+    print(f"reuse of {args.previous} ({plan.detection}):")
+    notes = {n: f" (ratio {plan.ratios.get(n, 0.0):.4f})" for n in plan.unchanged}
+    notes.update({n: f" ({why})" for n, why in plan.reasons.items()})
+    for label, items in (
+        ("unchanged", plan.unchanged), ("revised", plan.revised), ("added", plan.added), ("removed", plan.removed),
+    ):  # fmt: skip
+        print(f"  {label:<9}  {', '.join(n + notes.get(n, '') for n in items) or '-'}")
+    if not plan.changed:
+        if not plan.ratios:
+            raise RegmixError(
+                f"{args.previous}: every remaining domain has weight 0 and none changed: nothing to mix"
+            )
+        weights = plan.expand([1.0])
+        write_reuse_weights(out, plan, mixture, weights, {"compute": {"proxy_runs": 0}})
+        print(f"  nothing to re-mix: the previous ratios renormalised -> {out}")
+        return 0
+    coords = list(plan.coordinates)
+    if not (runs / MANIFEST).exists():
+        base = read_json(args.base_config, "base run config") if args.base_config else None
+        man = sample_reuse_swarm(plan, mixture, runs, args, base)
+        print(
+            f"  sampled {len(man['runs'])} proxies over {len(coords)} coordinates ({', '.join(coords)}) into {runs}"
+        )
+        print(f"  next: python -m megatron_doremi.regmix train {runs}   then rerun this command")
+        return 0
+    ex = finish_reuse(plan, mixture, runs, out, args)
+    print(
+        f"  {ex['compute']['proxy_runs']} proxies over {len(coords)} coordinates; {args.regressor} + {args.optimizer}"
+    )
+    print("  virtual: " + ", ".join(f"{k}={v:.4f}" for k, v in ex["virtual_weights"].items()))
+    if ex["caps"]:
+        print(f"  binding caps: {', '.join(ex['caps']['binding_domains']) or 'none'}")
+    print(f"  wrote {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"sample": cmd_sample, "train": cmd_train, "fit": cmd_fit, "search": cmd_search}[args.cmd]
+    handler = {
+        "sample": cmd_sample, "train": cmd_train, "fit": cmd_fit, "search": cmd_search, "reuse": cmd_reuse,
+    }[args.cmd]  # fmt: skip
     try:
         return handler(args)
     except (ValueError, OSError) as exc:

@@ -1,6 +1,6 @@
 """RegMix step 3: regress a target validation loss on the mixture weights.
 
-Two regressors, both fitted on ``X`` = mixture weights [N, D] (domain order of the runs' mixtures):
+Three regressors, all fitted on ``X`` = mixture weights [N, D] (domain order of the runs' mixtures):
 
 * **LightGBM** (``lightgbm.train``, small-data settings: shallow trees, ``min_data_in_leaf`` 2, 300 rounds of
   learning rate 0.03, ``deterministic``, one thread, seeded), as in the RegMix paper.
@@ -9,11 +9,14 @@ Two regressors, both fitted on ``X`` = mixture weights [N, D] (domain order of t
   share roughly like a power law, so ``log w`` captures the diminishing returns a plain linear model on ``w``
   cannot, while ``w`` keeps the linear case; eps keeps zero weights finite (a weight below ``min_weight`` is 0).
   ``--linear-features weights`` gives RegMix's plain linear model.
+* **Log-linear** (Olmix's mixing law, :mod:`.loglinear`): ``loss_k(w) = exp(c_k) + exp(t_k . w)`` per domain loss,
+  Huber-robust; the ``average`` target is the mean of the per-domain laws (a domain target: that domain's law).
 
-Protocol: a seeded random ``holdout`` fraction of the runs is held out; both regressors are fitted on the rest and
-scored on it (Spearman and Pearson from ``scipy.stats``, RMSE). The saved models are then refitted on all runs
-(what ``regmix search`` uses). Outputs in ``runs/regmix_fit/``: ``fit.json``, ``lightgbm_model.txt``,
-``linear_model.json``, ``pred_vs_actual.png``.
+Protocol: a seeded random ``holdout`` fraction of the runs is held out; the regressors (all by default) are fitted
+on the rest and scored on it (Spearman and Pearson from ``scipy.stats``, RMSE). ``fit.json`` names the regressor
+the held-out numbers favour (``favoured_regressor``: highest held-out Spearman, ties broken by Pearson, then RMSE).
+The saved models are then refitted on all runs (what ``regmix search`` uses). Outputs in ``runs/regmix_fit/``:
+``fit.json``, ``lightgbm_model.txt``, ``linear_model.json``, ``loglinear_model.json``, ``pred_vs_actual.png``.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from megatron_doremi.regmix.loglinear import LogLinearModel, fit_loglinear
 from megatron_doremi.regmix.runs import (
     atomic_write_json,
     collect_results,
     read_json,
+    target_losses,
     target_vector,
 )
 from megatron_doremi.regmix.sample import RegmixError
@@ -39,6 +44,8 @@ __all__ = [
     "FIT_DIR",
     "LinearModel",
     "MIN_RUNS",
+    "REGRESSORS",
+    "favoured_regressor",
     "fit_lightgbm",
     "fit_linear",
     "fit_runs",
@@ -50,6 +57,12 @@ __all__ = [
 FIT_DIR = "regmix_fit"
 MIN_RUNS = 4
 LINEAR_FEATURES = ("both", "log", "weights")
+REGRESSORS = ("lightgbm", "linear", "loglinear")
+MODEL_FILES = {
+    "lightgbm": "lightgbm_model.txt",
+    "linear": "linear_model.json",
+    "loglinear": "loglinear_model.json",
+}
 _RIDGE_GRID = tuple(10.0**e for e in np.arange(-6.0, 3.01, 0.5))
 
 
@@ -82,6 +95,15 @@ class LinearModel:
     def predict(self, weights: np.ndarray) -> np.ndarray:
         """float64 [N] for weights [N, D]."""
         return self.intercept + linear_features(weights, self.kind, self.eps) @ self.coef
+
+    def gradient(self, weights: np.ndarray) -> np.ndarray:
+        """float64 [D]: gradient of :meth:`predict` at one weight vector [D]."""
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        d = w.size
+        if self.kind == "weights":
+            return self.coef.copy()
+        dlog = self.coef[-d:] / (w + self.eps)
+        return dlog if self.kind == "log" else self.coef[:d] + dlog
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -250,6 +272,58 @@ def _plot(
     os.replace(tmp, path)
 
 
+def favoured_regressor(regs: dict[str, Any]) -> str | None:
+    """The regressor the held-out numbers favour: highest Spearman, then Pearson, then lowest RMSE (None: no
+    held-out numbers)."""
+
+    def key(name: str) -> tuple[float, float, float]:
+        h = regs[name]["holdout"]
+        miss = lambda v, bad: bad if v is None else v  # noqa: E731
+        return (
+            miss(h.get("spearman"), -2.0),
+            miss(h.get("pearson"), -2.0),
+            -miss(h.get("rmse"), float("inf")),
+        )
+
+    scored = [k for k in regs if regs[k]["holdout"].get("spearman") is not None]
+    return max(scored, key=key) if scored else None
+
+
+def parse_regressors(text: str | Sequence[str]) -> list[str]:
+    """``"all"`` or a comma list of :data:`REGRESSORS` -> the list (in :data:`REGRESSORS` order)."""
+    items = [x.strip() for x in text.split(",")] if isinstance(text, str) else list(text)
+    items = [x for x in items if x]
+    if items == ["all"]:
+        return list(REGRESSORS)
+    bad = [x for x in items if x not in REGRESSORS]
+    if bad or not items:
+        raise RegmixError(
+            f"--regressor: expected 'all' or a comma list of {', '.join(REGRESSORS)}, got {text!r}"
+        )
+    return [r for r in REGRESSORS if r in items]
+
+
+def _fit_one(
+    kind: str, x: np.ndarray, results: Any, y: np.ndarray, ys: np.ndarray, target_names: list[str], opts: dict
+) -> Any:
+    """A fitted model with ``predict`` (a LightGBM booster, LinearModel or LogLinearModel)."""
+    if kind == "lightgbm":
+        return fit_lightgbm(x, y, opts["seed"])
+    if kind == "linear":
+        return fit_linear(x, y, results.names, opts["linear_kind"], opts["eps"])
+    return fit_loglinear(x, ys, results.names, target_names, opts["huber_delta"])
+
+
+def _save_model(kind: str, model: Any, out_dir: Path) -> None:
+    path = out_dir / MODEL_FILES[kind]
+    if kind == "lightgbm":
+        tmp = out_dir / f".{path.name}.tmp"
+        model.save_model(str(tmp))
+        os.replace(tmp, path)
+    else:
+        atomic_write_json(path, model.to_json())
+
+
 def fit_runs(
     runs_dir: str | os.PathLike[str],
     target: str = "average",
@@ -258,10 +332,14 @@ def fit_runs(
     linear_kind: str = "both",
     eps: float = 0.01,
     plot: bool = True,
+    regressors: str | Sequence[str] = "all",
+    huber_delta: float | None = None,
 ) -> dict[str, Any]:
-    """Collect results, fit and score both regressors, save models/plot/fit.json; returns the fit.json dict."""
+    """Collect results, fit and score the regressors, save models/plot/fit.json; returns the fit.json dict."""
+    kinds = parse_regressors(regressors)
     results = collect_results(runs_dir)
     y = target_vector(results, target)
+    ys, target_names = target_losses(results, target)
     n = len(results.runs)
     if n < MIN_RUNS:
         raise RegmixError(
@@ -278,39 +356,43 @@ def fit_runs(
     is_test[te] = True
     out_dir = Path(runs_dir) / FIT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
+    opts = {"seed": seed, "linear_kind": linear_kind, "eps": eps, "huber_delta": huber_delta}
 
-    split_lgb = fit_lightgbm(x[tr], y[tr], seed)
-    split_lin = fit_linear(x[tr], y[tr], results.names, linear_kind, eps)
-    preds = {"lightgbm": split_lgb.predict(x), "linear": split_lin.predict(x)}
+    preds: dict[str, np.ndarray] = {}
     regs: dict[str, Any] = {}
-    for name, pred in preds.items():
-        regs[name] = {"holdout": holdout_metrics(pred[te], y[te]), "train": holdout_metrics(pred[tr], y[tr])}
-
-    full_lgb = fit_lightgbm(x, y, seed)
-    full_lin = fit_linear(x, y, results.names, linear_kind, eps)
-    lgb_path = out_dir / "lightgbm_model.txt"
-    tmp = out_dir / ".lightgbm_model.txt.tmp"
-    full_lgb.save_model(str(tmp))
-    os.replace(tmp, lgb_path)
-    atomic_write_json(out_dir / "linear_model.json", full_lin.to_json())
-    regs["lightgbm"].update(
-        {"model": lgb_path.name, "params": lightgbm_params(seed), "num_boost_round": NUM_BOOST_ROUND}
-    )
-    regs["linear"].update(
-        {"model": "linear_model.json", "features": linear_kind, "eps": eps, "ridge": full_lin.ridge}
-    )
+    for kind in kinds:
+        split = _fit_one(kind, x[tr], results, y[tr], ys[tr], target_names, opts)
+        preds[kind] = np.asarray(split.predict(x), dtype=np.float64)
+        regs[kind] = {
+            "holdout": holdout_metrics(preds[kind][te], y[te]),
+            "train": holdout_metrics(preds[kind][tr], y[tr]),
+            "model": MODEL_FILES[kind],
+        }
+        full = _fit_one(kind, x, results, y, ys, target_names, opts)
+        _save_model(kind, full, out_dir)
+        if kind == "lightgbm":
+            regs[kind].update({"params": lightgbm_params(seed), "num_boost_round": NUM_BOOST_ROUND})
+        elif kind == "linear":
+            regs[kind].update({"features": linear_kind, "eps": eps, "ridge": full.ridge})
+        else:
+            regs[kind].update({"loss_names": target_names, "huber_delta": full.huber_delta})
 
     plot_path = out_dir / "pred_vs_actual.png"
     if plot:
-        panels = [(k, y, preds[k], is_test, regs[k]["holdout"]) for k in ("lightgbm", "linear")]
-        _plot(plot_path, panels, target)
-    best = max(
-        regs,
-        key=lambda k: -2.0 if regs[k]["holdout"]["spearman"] is None else regs[k]["holdout"]["spearman"],
-    )
+        _plot(plot_path, [(k, y, preds[k], is_test, regs[k]["holdout"]) for k in kinds], target)
+    best = favoured_regressor(regs)
+    if best is None:
+        verdict = "no held-out runs (--holdout 0): the held-out numbers favour no regressor"
+    else:
+        h = regs[best]["holdout"]
+        verdict = (
+            f"the held-out numbers favour {best} (Spearman {h['spearman']:.3f}, "
+            f"Pearson {'n/a' if h['pearson'] is None else format(h['pearson'], '.3f')}, over {len(te)} runs)"
+        )
     doc = {
         "target": target,
         "domain_names": results.names,
+        "loss_names": results.targets,
         "num_runs": n,
         "runs": results.runs,
         "unfinished": results.unfinished,
@@ -321,6 +403,8 @@ def fit_runs(
         "target_values": dict(zip(results.runs, y.tolist())),
         "best_observed": {"run": results.runs[int(np.argmin(y))], "loss": float(y.min())},
         "regressors": regs,
+        "favoured_regressor": best,
+        "verdict": verdict,
         "best_regressor_by_holdout_spearman": best,
         "plot": plot_path.name if plot else None,
         "note": "metrics from models fitted on train_runs; saved models are refitted on all runs",
@@ -330,22 +414,36 @@ def fit_runs(
 
 
 def load_regressor(runs_dir: str | os.PathLike[str], kind: str) -> tuple[Any, dict[str, Any]]:
-    """(predict: weights [N, D] -> float64 [N], fit.json dict) for ``kind`` in {lightgbm, linear}."""
+    """(model with ``predict``: weights [N, D] -> float64 [N], fit.json dict) for ``kind`` in :data:`REGRESSORS`.
+    LinearModel and LogLinearModel also have ``gradient`` (what ``--optimizer exact`` needs)."""
+    if kind not in REGRESSORS:
+        raise RegmixError(f"--regressor: expected one of {', '.join(REGRESSORS)}, got {kind!r}")
     fit_dir = Path(runs_dir) / FIT_DIR
     doc = read_json(fit_dir / "fit.json", "fit summary (run 'regmix fit' first)")
+    entry = doc.get("regressors", {}).get(kind)
+    path = fit_dir / (entry or {}).get("model", MODEL_FILES[kind])
+    if entry is None or not path.is_file():
+        raise RegmixError(
+            f"{fit_dir / 'fit.json'}: no {kind} model was fitted (run 'regmix fit {runs_dir} --regressor "
+            f"{kind}' or '--regressor all')"
+        )
     if kind == "lightgbm":
         import lightgbm as lgb
 
-        path = fit_dir / doc.get("regressors", {}).get("lightgbm", {}).get("model", "lightgbm_model.txt")
-        if not path.is_file():
-            raise RegmixError(f"{path}: LightGBM model not found (run 'regmix fit' first)")
         booster = lgb.Booster(model_file=str(path))
         threads = os.cpu_count() or 1
-        return (
-            lambda w: np.asarray(booster.predict(np.atleast_2d(w), num_threads=threads), dtype=np.float64)
-        ), doc
+        return _Booster(booster, threads), doc
     if kind == "linear":
-        path = fit_dir / "linear_model.json"
-        model = LinearModel.from_json(read_json(path, "linear model (run 'regmix fit' first)"), str(path))
-        return model.predict, doc
-    raise RegmixError(f"--regressor: expected lightgbm or linear, got {kind!r}")
+        return LinearModel.from_json(read_json(path, "linear model"), str(path)), doc
+    return LogLinearModel.from_json(read_json(path, "log-linear model"), str(path)), doc
+
+
+@dataclass
+class _Booster:
+    booster: Any
+    threads: int
+
+    def predict(self, weights: np.ndarray) -> np.ndarray:
+        return np.asarray(
+            self.booster.predict(np.atleast_2d(weights), num_threads=self.threads), dtype=np.float64
+        )

@@ -57,6 +57,7 @@ __all__ = [
     "read_eval_summary",
     "run_name",
     "set_dotted",
+    "target_losses",
     "target_vector",
     "train_runs",
     "write_runs",
@@ -487,13 +488,21 @@ def read_eval_summary(path: str | os.PathLike[str]) -> dict[str, float]:
 @dataclass
 class RunResults:
     """Finished runs: ``names`` (domain order), ``runs`` (run dir names), ``weights`` [N, D] float64, ``losses``
-    [N, D] float64 (validation loss per domain), and the run dirs without results in ``unfinished``."""
+    [N, L] float64 (validation loss per domain named in :attr:`targets`), and the run dirs without results in
+    ``unfinished``. ``loss_names`` is empty when the losses are over ``names`` (L = D); a reuse swarm's weights are
+    over its coordinates (``names``) while its losses stay over the real domains (``loss_names``)."""
 
     names: list[str]
     runs: list[str]
     weights: np.ndarray
     losses: np.ndarray
     unfinished: list[str]
+    loss_names: list[str] = field(default_factory=list)
+
+    @property
+    def targets(self) -> list[str]:
+        """Names of the loss columns."""
+        return self.loss_names or self.names
 
 
 def collect_results(runs_dir: str | os.PathLike[str]) -> RunResults:
@@ -537,7 +546,29 @@ def collect_results(runs_dir: str | os.PathLike[str]) -> RunResults:
             "train them first with 'regmix train'"
         )
     assert names is not None
-    return RunResults(names, runs, np.array(ws, dtype=np.float64), np.array(ls, dtype=np.float64), unfinished)
+    weights = np.array(ws, dtype=np.float64)
+    losses = np.array(ls, dtype=np.float64)
+    groups = _reuse_coordinates(runs_dir, names)
+    if groups is None:
+        return RunResults(names, runs, weights, losses, unfinished)
+    coords = np.stack(
+        [weights[:, [names.index(m) for m in members]].sum(axis=1) for members in groups.values()], 1
+    )
+    return RunResults(list(groups), runs, coords, losses, unfinished, loss_names=names)
+
+
+def _reuse_coordinates(runs_dir: str | os.PathLike[str], names: list[str]) -> dict[str, list[str]] | None:
+    """A reuse swarm's coordinates (manifest ``reuse.coordinates``: coordinate -> member domains), else None."""
+    path = Path(runs_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    groups = (read_json(path, "RegMix manifest").get("reuse") or {}).get("coordinates")
+    if not groups:
+        return None
+    unknown = sorted({m for ms in groups.values() for m in ms} - set(names))
+    if unknown:
+        raise RegmixError(f"{path}: reuse.coordinates name domains {unknown} that the runs' mixtures lack")
+    return {str(c): list(ms) for c, ms in groups.items()}
 
 
 TARGET_AVERAGE = "average"
@@ -547,9 +578,18 @@ def target_vector(results: RunResults, target: str) -> np.ndarray:
     """float64 [N]: the target domain's loss per run, or the uniform mean over domains for ``average``."""
     if target == TARGET_AVERAGE:
         return results.losses.mean(axis=1)
-    if target not in results.names:
+    if target not in results.targets:
         raise RegmixError(
-            f"--target {target!r} is not a domain of these runs; known: {', '.join(results.names)} "
+            f"--target {target!r} is not a domain of these runs; known: {', '.join(results.targets)} "
             f"(or '{TARGET_AVERAGE}')"
         )
-    return results.losses[:, results.names.index(target)].copy()
+    return results.losses[:, results.targets.index(target)].copy()
+
+
+def target_losses(results: RunResults, target: str) -> tuple[np.ndarray, list[str]]:
+    """(losses [N, K], names): the per-domain losses the target averages (all for ``average``, else one)."""
+    if target == TARGET_AVERAGE:
+        return results.losses.copy(), list(results.targets)
+    target_vector(results, target)  # validates the name
+    k = results.targets.index(target)
+    return results.losses[:, k : k + 1].copy(), [target]

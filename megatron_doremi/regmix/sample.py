@@ -149,10 +149,12 @@ def sample_mixtures(
     distance: str = "l1",
     max_attempts: int = 2000,
     chunk: int = 64,
+    prior_tokens: Sequence[float] | np.ndarray | None = None,
 ) -> SampleResult:
     """Draw ``num_runs`` distinct mixtures by the module's scheme (tokens [D] in domain order).
 
-    The epoch cap applies only when both ``max_epochs`` and ``planned_tokens`` are given.
+    The epoch cap applies only when both ``max_epochs`` and ``planned_tokens`` are given. ``prior_tokens`` (default
+    ``tokens``) are the counts the prior is computed from, when they differ from the cap's (a reuse swarm).
     Raises SamplingError (binding constraint named) when a run exhausts ``max_attempts`` proposals on every level.
     """
     tok = np.asarray(tokens, dtype=np.float64).reshape(-1)
@@ -170,7 +172,7 @@ def sample_mixtures(
     for key, value in (("max_epochs", max_epochs), ("planned_tokens", planned_tokens)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise RegmixError(f"{key}: must be a finite number > 0, got {value!r}")
-    prior = token_prior(tok, temperature)
+    prior = token_prior(tok if prior_tokens is None else prior_tokens, temperature)
     capped = max_epochs is not None and planned_tokens is not None
     if capped:
         check_cap_feasible(tok, float(planned_tokens), float(max_epochs))
