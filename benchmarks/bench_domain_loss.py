@@ -28,12 +28,9 @@ H100 targets: fused linear fwd+bwd within 1.1x of the logits path, peak extra me
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
-import os
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 
@@ -42,7 +39,7 @@ import torch.nn.functional as F
 
 from megatron_doremi.ops import fused_domain_loss as fdl
 from megatron_doremi.ops import fused_linear_domain_cross_entropy
-from megatron_doremi.ops.cpu_memory import peak_cpu_bytes
+from megatron_doremi.ops.cpu_memory import force_mmap_for_large_allocations, peak_cpu_bytes
 from megatron_doremi.ops.fused_domain_loss import (
     domain_cross_entropy_reference,
     fused_domain_cross_entropy,
@@ -83,40 +80,6 @@ def time_ms(
     return statistics.median(times)
 
 
-class _RssPeak:
-    """Peak resident-set growth (bytes) while the context is open, sampled by a background thread."""
-
-    def __init__(self) -> None:
-        self._fd = os.open("/proc/self/statm", os.O_RDONLY)
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self._stop = threading.Event()
-        self.base = self.peak = 0
-
-    def _rss(self) -> int:
-        return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.0002)
-
-    def __enter__(self) -> _RssPeak:
-        self.base = self.peak = self._rss()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-        os.close(self._fd)
-
-    @property
-    def extra(self) -> int:
-        return self.peak - self.base
-
-
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Peak memory above the pre-call level during one call of fn (results dropped before measuring ends)."""
     _sync(device)
@@ -126,19 +89,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - base
-    with _RssPeak() as probe:
-        fn()
-    return probe.extra
-
-
-def _force_mmap_for_large_allocations() -> None:
-    """glibc: allocations >= 256 KiB always via mmap, so freed buffers leave the RSS (measurable peaks)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD (fixing it also disables the dynamic threshold)
-        libc.mallopt(-1, 256 * 1024)  # M_TRIM_THRESHOLD
-    except OSError:
-        pass
+    return peak_cpu_bytes(fn)
 
 
 def make_inputs(tokens: int, seq: int, vocab: int, dtype: torch.dtype, device: torch.device):
@@ -260,10 +211,7 @@ def linear_table(
             for name, (fwd, fwd_bwd) in linear_variants(h, w, labels, domain_ids, ref, scale).items():
                 t_f = time_ms(fwd, device, warmup, repeats)
                 t_fb = time_ms(fwd_bwd, device, warmup, repeats)
-                if device.type == "cpu":
-                    m_fb = peak_cpu_bytes(fwd_bwd)  # exact: the profiler sees every tensor allocation
-                else:
-                    m_fb = peak_extra_bytes(fwd_bwd, device)
+                m_fb = peak_extra_bytes(fwd_bwd, device)
                 rows[name] = (t_f, t_fb, m_fb)
             base_t, base_m = rows["logits+op"][1], rows["logits+op"][2]
             for name, (t_f, t_fb, m_fb) in rows.items():
@@ -327,7 +275,7 @@ def main() -> int:
     warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
     repeats = args.repeats if args.repeats is not None else (20 if gpu else 3)
     if not gpu:
-        _force_mmap_for_large_allocations()
+        force_mmap_for_large_allocations()
     impls = args.impls or (IMPLS if gpu else [i for i in IMPLS if i != "torch-chunked"])
     backend = resolve_backend(device).name
     where = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
