@@ -8,10 +8,12 @@
 * Fused (``fused_lm_head: true``): :func:`enable_fused_lm_head` turns the model's output embedding into an
   identity, so the model returns its final hidden states as ``.logits``; :func:`domain_loss` then runs
   :func:`megatron_doremi.ops.fused_linear_domain_cross_entropy` on the lm_head weight (and bias) - no [B, T, V]
-  logits are ever materialised. Under ZeRO-3 the weight is used inside ``deepspeed.zero.GatheredParameters``
-  (``modifier_rank=None``: read-only). The op computes the weight's gradient during its forward, while the full
-  weight is gathered, and its backward only returns it; autograd's AccumulateGrad on the partitioned parameter
-  then fires DeepSpeed's reduce-scatter hook as for any other use of the parameter.
+  logits are ever materialised. The op runs *inside the lm_head module's forward* (a second call of the module
+  with the loss arguments), so under ZeRO-3 DeepSpeed's own module hooks gather the weight for the forward and
+  re-gather it before the backward, and the weight's gradient reaches its partitions through DeepSpeed's usual
+  reduce-scatter path. (Using the weight outside its module inside ``deepspeed.zero.GatheredParameters`` does
+  not work: the backward then meets the re-partitioned, empty parameter - tested, it fails.) Evaluation
+  gathers the weight with ``GatheredParameters`` (no gradient) to form the logits.
   Models whose logits are not a plain ``Linear`` of the last hidden states (final logit soft-capping, logit
   scaling) keep the logits path, with a warning.
 """
@@ -38,8 +40,16 @@ _MARK = "_megatron_doremi_fused_lm_head"
 _POST_LOGIT_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def _identity_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    return hidden_states
+def _fused_head_forward(self: torch.nn.Linear, hidden_states: torch.Tensor, loss_args: dict | None = None):
+    """Called by the model (no ``loss_args``): the hidden states unchanged. Called by :func:`domain_loss`: the
+    fused op on this module's own weight, so that ZeRO-3's module hooks gather it for the forward and again for
+    the backward (the gradient then reaches the partitioned parameter through DeepSpeed's usual path)."""
+    if loss_args is None:
+        return hidden_states
+    out = fused_linear_domain_cross_entropy(
+        hidden_states.to(self.weight.dtype), self.weight, bias=self.bias, **loss_args
+    )
+    return tuple(out)
 
 
 def enable_fused_lm_head(model: torch.nn.Module) -> bool:
@@ -56,7 +66,7 @@ def enable_fused_lm_head(model: torch.nn.Module) -> bool:
             "fused_lm_head: not used for %s (%s); using the logits path", type(model).__name__, why
         )
         return False
-    head.forward = types.MethodType(_identity_forward, head)
+    head.forward = types.MethodType(_fused_head_forward, head)
     setattr(model, _MARK, True)
     logger.info("fused_lm_head: %s's lm_head GEMM is fused with the per-domain loss", type(model).__name__)
     return True
@@ -99,13 +109,8 @@ def domain_loss(
         return domain_cross_entropy(
             model_logits, labels, domain_ids, num_domains, inplace_backward=True, **kwargs
         )
-    head = _head(model)
-    params = [head.weight] + ([head.bias] if head.bias is not None else [])
-    with _gathered(params):
-        hidden = model_logits.to(head.weight.dtype)
-        return fused_linear_domain_cross_entropy(
-            hidden, head.weight, labels, domain_ids, num_domains, bias=head.bias, **kwargs
-        )
+    loss_args = {"labels": labels, "domain_ids": domain_ids, "num_domains": num_domains, **kwargs}
+    return DomainLossOutput(*_head(model)(model_logits, loss_args=loss_args))
 
 
 def logits_from_output(model: torch.nn.Module, model_logits: torch.Tensor) -> torch.Tensor:
