@@ -35,7 +35,7 @@ cmdclass = {"build_ext": build_ext}
 # the CUDA kernel when this torch is a CUDA build and nvcc (CUDA_HOME) is present.
 # Without torch at build time both are JIT-compiled on first use instead
 # (megatron_doremi/ops/_build.py), and if that fails a chunked-torch path is used.
-# Set TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0") to choose the GPU architectures.
+# Set TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0+PTX") to choose the GPU architectures.
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -53,8 +53,9 @@ if torch is not None and os.environ.get("MEGATRON_DOREMI_SKIP_OPS_BUILD", "0") !
     )
     if torch.version.cuda and CUDA_HOME:
         # Without a visible GPU torch cannot infer the architectures (and fails on an empty list): default
-        # to the targets the kernel is written for, Ampere and Hopper.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # to the targets the kernel is written for, Ampere and Hopper, plus PTX so that newer GPUs (sm_100, ...)
+        # JIT-compile it instead of failing at launch with "no kernel image".
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         ext_modules.append(
             CUDAExtension(
                 "megatron_doremi._domain_loss_cuda",

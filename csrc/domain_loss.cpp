@@ -4,6 +4,8 @@
 //           ignore_index: an fp32 online softmax over V that reads the logits once, in blocks of kChunk values
 //           converted into a per-thread fp32 buffer (bounded extra memory: kChunk floats per thread), giving
 //           lse = logsumexp(row) and loss = lse - row[label]. Ignored rows: loss 0, lse 0.
+//           A NaN logit makes the row's lse and loss NaN; the clip keeps NaN (domain_loss_common.h, shared with
+//           the CUDA kernels), so non-finite tokens reach the per-domain sums as in torch.
 //           Per-domain sums (fp64) of loss, of max(loss - ref, 0) (ref = 0 when no reference is given) and of
 //           the non-ignored token count are then reduced serially in a fixed order (rows b = 0..B-1, tokens
 //           t = 0..T-1), so they are bit-identical run to run and independent of the thread count.
@@ -21,10 +23,13 @@
 #include <limits>
 #include <type_traits>
 
+#include "domain_loss_common.h"
+
 namespace {
 
 constexpr int64_t kChunk = 2048;  // fp32 values per block: 8 KiB, stays in L1
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define MDL_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
@@ -61,11 +66,16 @@ static inline __attribute__((always_inline)) float fast_exp(float x) {
   return x < lo ? 0.0f : y;
 }
 
+// Max of a block, NaN if the block holds a NaN (a plain max reduction would drop it; torch propagates it).
 MDL_CLONES float chunk_max(const float* buf, int64_t n) {
   float m = kNegInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = buf[i] > m ? buf[i] : m;
-  return m;
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t i = 0; i < n; ++i) {
+    m = buf[i] > m ? buf[i] : m;
+    nan |= buf[i] != buf[i];
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 MDL_CLONES float chunk_sum_exp(const float* buf, int64_t n, float shift) {
@@ -136,13 +146,19 @@ float row_logsumexp(const T* row, int64_t vocab, int64_t stride, float* buf) {
     const int64_t n = std::min(kChunk, vocab - v0);
     load_chunk(row + v0 * stride, stride, n, buf);
     const float bm = chunk_max(buf, n);
+    if (bm != bm) return bm;  // a NaN logit: the row's lse (and loss) is NaN, as in torch
+    if (m == kPosInf) continue;  // lse is +inf (torch's logsumexp) unless a NaN follows
+    if (bm == kPosInf) {
+      m = bm;
+      continue;
+    }
     if (bm > m) {
       s = (m == kNegInf) ? 0.0f : s * fast_exp(m - bm);
       m = bm;
     }
     if (m != kNegInf) s += chunk_sum_exp(buf, n, m);
   }
-  return m + std::log(s);
+  return m == kPosInf ? m : m + std::log(s);
 }
 
 struct Geometry {
@@ -237,7 +253,7 @@ void forward(const at::Tensor& logits, const at::Tensor& labels, const at::Tenso
       const int64_t r = b * seq + t;
       if (lab[r] == ignore_index) continue;
       const float l = tl[r];
-      const float e = has_ref ? std::max(l - rf[r], 0.0f) : l;
+      const float e = has_ref ? mdl_clip_excess(l, rf[r]) : l;
       row_loss += static_cast<double>(l);
       row_excess += static_cast<double>(e);
       ++row_count;

@@ -13,8 +13,12 @@
 //   domain kernel: one thread per domain, adds the row buffers for b = 0..B-1 in order -> [D] fp64.
 //   All reductions have a fixed order, so results are bit-identical run to run.
 // backward (per row): grad = coef[b] * (exp(x - lse) - onehot(label)); ignored rows 0. `grad` may alias the
-//   logits (in-place: each thread reads its values before writing them) or be a separate buffer; vector
-//   loads/stores when both have sv == 1 and the same 16-byte misalignment, else scalar.
+//   logits exactly (in place: each thread reads its values into registers before writing them; the host never
+//   passes an overlapping-but-different or self-overlapping buffer) or be a separate buffer; 16-byte vector
+//   loads (4 in flight per thread) and stores when both have sv == 1 and the same 16-byte misalignment.
+// Non-finite inputs: a NaN logit makes its row's lse and loss NaN (also when it arrives while the running max is
+//   -inf); +inf logits give lse = +inf (torch's logsumexp), so a loss of +inf, or NaN when the label is +inf; the excess clip (domain_loss_common.h) keeps NaN. So a non-finite
+//   token reaches the per-domain sums, as in torch.
 // No B*T*V temporaries: extra memory is 2 floats per token plus 3 values per row.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -23,6 +27,7 @@
 #include <cstdint>
 
 #include "domain_loss_cuda.h"
+#include "domain_loss_common.h"
 
 namespace {
 
@@ -71,20 +76,33 @@ struct MaxSum {
   float s;
 };
 
+// NaN propagates as in torch's logsumexp: a NaN input makes the running max NaN (every later comparison is
+// false, so it stays NaN) and the result NaN, whatever the running max was when it arrived (-inf included).
 __device__ __forceinline__ void update(MaxSum& a, float x) {
-  if (x > a.m) {
+  if (x != x) {
+    a.m = x;
+    a.s = x;
+  } else if (x > a.m) {
     a.s = (a.m == kNegInf ? 0.0f : a.s * __expf(a.m - x)) + 1.0f;
     a.m = x;
   } else if (a.m != kNegInf) {
-    a.s += __expf(x - a.m);  // NaN x propagates into s
+    a.s += __expf(x - a.m);  // a NaN running max/sum stays NaN
   }
 }
+
+// fmaxf drops NaN operands; this max keeps them (the block max of a row holding a NaN is NaN).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
 
 template <int N>
 __device__ __forceinline__ void update_n(MaxSum& a, const float* x) {
   float vm = x[0];
 #pragma unroll
-  for (int k = 1; k < N; ++k) vm = fmaxf(vm, x[k]);
+  for (int k = 1; k < N; ++k) vm = nan_max(vm, x[k]);
+  if (vm != vm) {
+    a.m = vm;
+    a.s = vm;
+    return;
+  }
   if (vm > a.m) {
     a.s = a.m == kNegInf ? 0.0f : a.s * __expf(a.m - vm);
     a.m = vm;
@@ -98,7 +116,8 @@ __device__ __forceinline__ void update_n(MaxSum& a, const float* x) {
 }
 
 __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
-  const float m = fmaxf(a.m, b.m);
+  const float m = nan_max(a.m, b.m);
+  if (m != m) return {m, m};
   if (m == kNegInf) return {kNegInf, 0.0f};
   const float sa = a.m == kNegInf ? 0.0f : a.s * __expf(a.m - m);
   const float sb = b.m == kNegInf ? 0.0f : b.s * __expf(b.m - m);
@@ -182,7 +201,8 @@ __global__ void __launch_bounds__(1024) forward_kernel(const T* __restrict__ log
   }
   acc = block_merge(acc);
   if (threadIdx.x == 0) {
-    const float l = acc.m + logf(acc.s);
+    // +inf logits (and no NaN): lse = +inf as in torch's logsumexp (the running sum is then meaningless)
+    const float l = acc.m == -kNegInf ? acc.m : acc.m + logf(acc.s);
     const bool ok = label >= 0 && label < vocab;  // the host validates; never read out of bounds regardless
     lse[r] = l;
     token_loss[r] = ok ? l - Io<T>::load(row + label * sv) : __int_as_float(0x7fc00000);
@@ -205,7 +225,7 @@ __global__ void __launch_bounds__(256) row_sum_kernel(const float* __restrict__ 
     const int64_t r = b * seq + t;
     if (labels[r] == ignore_index) continue;
     const float l = token_loss[r];
-    const float e = ref == nullptr ? l : fmaxf(l - ref[r], 0.0f);
+    const float e = ref == nullptr ? l : mdl_clip_excess(l, ref[r]);
     l_acc += static_cast<double>(l);
     e_acc += static_cast<double>(e);
     c_acc += 1.0;
@@ -290,9 +310,30 @@ __global__ void __launch_bounds__(1024) backward_kernel(const T* logits, int64_t
     }
     const uint4* in_body = reinterpret_cast<const uint4*>(row + head);
     uint4* out_body = reinterpret_cast<uint4*>(out + head);
-    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+    // kUnroll 16-byte loads into registers before the stores: one LDG.128 each (a reference into global memory
+    // would be read element by element) and several loads in flight per thread. Safe in place: a thread reads
+    // exactly the addresses it then writes, and all its reads come first.
+    constexpr int kUnroll = 4;
+    const int64_t step = blockDim.x;
+    int64_t j = threadIdx.x;
+    for (; j + (kUnroll - 1) * step < nvec; j += kUnroll * step) {
+      uint4 raw[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) raw[u] = in_body[j + u * step];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        float x[kN];
+        Vec<T>::unpack(raw[u], x);
+        const int64_t first = head + (j + u * step) * kN;
+#pragma unroll
+        for (int k = 0; k < kN; ++k) x[k] = coef * __expf(x[k] - l) - (first + k == label ? coef : 0.0f);
+        out_body[j + u * step] = Vec<T>::pack(x);
+      }
+    }
+    for (; j < nvec; j += step) {
+      const uint4 raw = in_body[j];
       float x[kN];
-      Vec<T>::unpack(in_body[j], x);
+      Vec<T>::unpack(raw, x);
       const int64_t first = head + j * kN;
 #pragma unroll
       for (int k = 0; k < kN; ++k) x[k] = coef * __expf(x[k] - l) - (first + k == label ? coef : 0.0f);

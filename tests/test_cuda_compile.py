@@ -91,3 +91,27 @@ def test_torch_glue_links_with_kernels(kernel_object, tmp_path):
         cpu = torch.zeros(1, 2, 3)
         with pytest.raises(RuntimeError, match="CUDA"):
             module.backward(cpu, cpu.long()[..., 0], cpu[..., 0], cpu[:, 0, 0], -100, cpu, 0)
+
+
+def test_backward_reads_16_bytes_per_load(tmp_path):
+    """The backward kernels load each 16-byte vector into registers in one instruction (ld.global.v4), not as
+    scalar loads through a reference into global memory (issue 13: 8 two-byte loads per vector for bf16)."""
+    ptx = tmp_path / "domain_loss_cuda.ptx"
+    incs = [f"-I{CSRC_DIR}"]
+    cmd = [NVCC, "-std=c++20", "-O3", "-arch=sm_90", *incs, "-ptx", str(CSRC_DIR / "domain_loss_cuda.cu")]
+    proc = subprocess.run([*cmd, "-o", str(ptx)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    text = ptx.read_text()
+    entries = re.split(r"\.entry ", text)[1:]
+    backward = [e for e in entries if "backward_kernel" in e.split("(")[0]]
+    assert len(backward) == 3, "expected the fp32, fp16 and bf16 backward kernels"
+    for body in backward:
+        vec_loads = re.findall(r"ld\.global(?:\.nc)?\.v4\.\w+", body)
+        assert len(vec_loads) >= 4, f"backward kernel without unrolled 16-byte loads: {vec_loads}"
+
+
+def test_setup_default_arch_list_has_ptx():
+    """Newer GPUs than the built ones JIT the PTX instead of failing with "no kernel image"."""
+    text = (CSRC_DIR.parent / "setup.py").read_text()
+    match = re.search(r'setdefault\("TORCH_CUDA_ARCH_LIST", "([^"]+)"\)', text)
+    assert match and match.group(1).endswith("+PTX"), match

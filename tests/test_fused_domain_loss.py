@@ -236,14 +236,71 @@ def test_inplace_backward_overwrites_only_the_view(impl):
     assert leaf.grad[:, :, :3].abs().max() == 0 and leaf.grad[:, :, 1004:].abs().max() == 0
     assert torch.equal(wide, before)
 
-    # in place into a strided slice of a wider buffer: the columns outside the slice stay untouched
+    # a leaf view that requires grad: out of place (its .grad must not alias itself), the buffer is untouched
     buf = wide.clone()
-    part = buf[:, :, 3:1004].requires_grad_(True)  # a leaf view of a buffer that does not require grad
+    part = buf[:, :, 3:1004].requires_grad_(True)
     fused_domain_cross_entropy(
         part, labels, dom, 4, ref, backend=backend, inplace_backward=True
     ).loss.backward()
-    torch.testing.assert_close(buf[:, :, 3:1004], exp_grad, **F32)
-    assert torch.equal(buf[:, :, :3], before[:, :, :3]) and torch.equal(buf[:, :, 1004:], before[:, :, 1004:])
+    torch.testing.assert_close(part.grad, exp_grad, **F32)
+    assert part.grad.data_ptr() != part.data_ptr()
+    assert torch.equal(buf, before)
+
+
+def test_inplace_backward_into_a_strided_slice_keeps_the_other_columns(impl):
+    device, backend = impl
+    _, labels, dom, ref = _inputs(device=device)
+    wide = torch.randn(3, 5, 1040, generator=torch.Generator().manual_seed(9)).to(device)
+    _, exp_grad = _run(domain_cross_entropy_reference, wide[:, :, 3:1004], labels, dom, 4, ref)
+    leaf = wide.clone().requires_grad_(True)
+    buf = leaf * 1.0  # non-leaf: the backward may destroy it
+    part = buf[:, :, 3:1004]
+    fused_domain_cross_entropy(
+        part, labels, dom, 4, ref, backend=backend, inplace_backward=True
+    ).loss.backward()
+    torch.testing.assert_close(part.detach(), exp_grad, **F32)  # written in place
+    torch.testing.assert_close(buf.detach()[:, :, :3], wide[:, :, :3], rtol=0, atol=0)
+    torch.testing.assert_close(buf.detach()[:, :, 1004:], wide[:, :, 1004:], rtol=0, atol=0)
+    torch.testing.assert_close(leaf.grad[:, :, 3:1004], exp_grad, **F32)
+
+
+@pytest.mark.parametrize("shape", ["expand_rows", "expand_batch", "expand_vocab"])
+def test_inplace_backward_on_overlapping_logits_falls_back_out_of_place(impl, shape):
+    """Expanded (stride-0) logits: in place would sum several rows' gradients into one element; out of place is
+    used instead and the gradient equals the oracle's."""
+    device, backend = impl
+    g = torch.Generator().manual_seed(3)
+    _, labels, dom, ref = _inputs(B=3, T=5, V=33, device=device)
+    if shape == "expand_rows":
+        src = torch.randn(3, 1, 33, generator=g).to(device)
+        make = lambda leaf: (leaf * 1.0).expand(3, 5, 33)  # noqa: E731
+    elif shape == "expand_batch":
+        src = torch.randn(1, 5, 33, generator=g).to(device)
+        make = lambda leaf: (leaf * 1.0).expand(3, 5, 33)  # noqa: E731
+    else:
+        src = torch.randn(3, 5, 1, generator=g).to(device)
+        make = lambda leaf: (leaf * 1.0).expand(3, 5, 33)  # noqa: E731
+    exp_leaf = src.clone().requires_grad_(True)
+    domain_cross_entropy_reference(make(exp_leaf), labels, dom, 4, ref).loss.backward()
+    leaf = src.clone().requires_grad_(True)
+    logits = make(leaf)
+    assert not fdl._non_overlapping(logits)
+    out = fused_domain_cross_entropy(logits, labels, dom, 4, ref, backend=backend, inplace_backward=True)
+    out.loss.backward()
+    torch.testing.assert_close(leaf.grad, exp_leaf.grad, **F32)
+
+
+def test_non_overlapping_test_itself():
+    x = torch.zeros(4, 6, 10)
+    assert (
+        fdl._non_overlapping(x)
+        and fdl._non_overlapping(x[:, :, 2:7])
+        and fdl._non_overlapping(x.transpose(0, 1))
+    )
+    assert fdl._non_overlapping(x[:, ::2, ::3]) and fdl._non_overlapping(torch.zeros(1, 1, 5).expand(1, 1, 5))
+    assert not fdl._non_overlapping(torch.zeros(4, 1, 10).expand(4, 6, 10))
+    assert not fdl._non_overlapping(x.as_strided((4, 6, 10), (10, 10, 1)))  # rows alias each other
+    assert not fdl._non_overlapping(x.view(-1).as_strided((4, 6, 10), (60, 5, 1)))
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 4099])
@@ -349,3 +406,43 @@ def test_backend_resolution_and_fallback(monkeypatch):
     logits, labels, dom, ref = _inputs(B=2, T=2, V=11)
     out = fused_domain_cross_entropy(logits, labels, dom, 4, ref)
     _compare(out, domain_cross_entropy_reference(logits, labels, dom, 4, ref))
+
+
+def test_no_kernel_image_falls_back_to_torch_with_one_warning(monkeypatch, caplog):
+    """A CUDA module built without this GPU's architecture: the launch error switches to the torch path."""
+    import contextlib
+    import types
+
+    calls = []
+
+    class NoImage:
+        def forward(self, *args):
+            calls.append("forward")
+            raise RuntimeError(
+                "domain_loss_cuda: forward launch failed: no kernel image is available for execution"
+            )
+
+        backward = forward
+
+    monkeypatch.setattr(fdl, "_cuda_unusable", [])
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: types.SimpleNamespace(cuda_stream=0))
+    impl = fdl._CudaNative(NoImage())
+    logits, labels, dom, ref = _inputs(B=2, T=3, V=17)
+    exp, exp_grad = _run(domain_cross_entropy_reference, logits, labels, dom, 4, ref)
+    monkeypatch.setattr(fdl, "resolve_backend", lambda *a, **k: impl)
+    with caplog.at_level("WARNING", logger=fdl.__name__):
+        for _ in range(2):
+            out, grad = _run(fused_domain_cross_entropy, logits, labels, dom, 4, ref)
+            _compare(out, exp, grad, exp_grad)
+    assert calls == ["forward"]  # tried once, then the torch path directly
+    assert len([r for r in caplog.records if "no kernel image" in r.getMessage()]) == 1
+
+    class OtherError(NoImage):
+        def forward(self, *args):
+            raise RuntimeError("domain_loss_cuda: forward launch failed: an illegal memory access")
+
+    monkeypatch.setattr(fdl, "_cuda_unusable", [])
+    monkeypatch.setattr(fdl, "resolve_backend", lambda *a, **k: fdl._CudaNative(OtherError()))
+    with pytest.raises(RuntimeError, match="illegal memory"):
+        fused_domain_cross_entropy(logits, labels, dom, 4, ref)

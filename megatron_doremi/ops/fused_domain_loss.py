@@ -6,7 +6,10 @@
 * ``inplace_backward=False``: when True the backward pass writes the gradient into the logits' own buffer (one
   read + one write, no new [B, T, V] allocation) and returns that buffer as the logits' gradient. The logits'
   values are destroyed: the caller must not use ``logits`` after ``backward`` (nor may any other autograd node
-  need them; such a node then fails with torch's "modified by an inplace operation" error).
+  need them; such a node then fails with torch's "modified by an inplace operation" error). It falls back to
+  out of place when that is unsafe: overlapping memory (expanded / stride-0 logits) or logits that are (a view
+  of) a leaf requiring grad, whose ``.grad`` would alias the leaf itself.
+* ``check_values=True``: range-check labels / domain ids (see :func:`_check_values`; no host sync on GPU).
 * ``backend="auto"``: ``"native"`` = the C++ CPU kernel or the CUDA kernel for the logits' device (raises
   :class:`DomainLossError` when it cannot be built), ``"torch"`` = chunked torch (bounded memory, any device),
   ``"auto"`` = native when it builds (see :mod:`megatron_doremi.ops._build`), else torch with one warning.
@@ -22,6 +25,11 @@ Result (:class:`DomainLossOutput`, fields in the order of the plain implementati
   convention). Every sum is reduced in a fixed order (token -> row -> domain), so repeated calls on the same
   inputs give bit-identical results on every backend.
 
+Non-finite inputs propagate as in torch, on every backend: a NaN logit makes its token's loss NaN (whatever came
+before it in the row), a +inf logit a non-finite one, and the excess clip keeps NaN (one expression shared by
+the kernels, csrc/domain_loss_common.h, and the torch path, :func:`_clip_excess`), so the per-domain sums are
+non-finite and the mixers' skip-on-non-finite guards fire.
+
 Logits may have any float dtype (computed in fp32) and any strides; the native kernels read a strided last
 dimension too, but are fastest when it is contiguous (16-byte vector loads on CUDA). Labels are aligned with
 the logits (no shift). Gradient: ``scale[d(b)] * (softmax - onehot(label)) / normalizer`` (times the incoming
@@ -30,6 +38,7 @@ gradient), written in the logits' dtype; the gradient buffer of the out-of-place
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
@@ -46,6 +55,8 @@ __all__ = [
     "fused_domain_cross_entropy",
     "resolve_backend",
 ]
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "native", "torch")
 # fp32 working set of one chunk of rows in the torch path (two [rows, V] temporaries).
@@ -109,23 +120,60 @@ def _check_shapes(
 def _check_values(
     labels: torch.Tensor, domain_ids: torch.Tensor, num_domains: int, vocab: int, ignore_index: int
 ) -> None:
-    """Range checks of labels and domain ids with a single device->host sync."""
+    """Range checks of labels and domain ids.
+
+    On the CPU: exact, with a message naming the first bad value. On an accelerator: one asynchronous device-side
+    assert (``torch._assert_async``, no device->host sync on the hot path); a bad value then fails at the next
+    synchronisation with a device-side assertion, as torch's own cross-entropy does. Callers that range-check
+    their batches already (the trainer) pass ``check_values=False`` and skip even that.
+    """
     if labels.numel() == 0 and domain_ids.numel() == 0:
         return
     bad_label = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     bad_domain = (domain_ids < 0) | (domain_ids >= num_domains)
-    flags = torch.stack([bad_label.any(), bad_domain.any()]).tolist()
-    if flags[1]:
+    if labels.device.type != "cpu":
+        torch._assert_async(~(bad_label.any() | bad_domain.any()))
+        return
+    if bool(bad_domain.any()):
         raise DomainLossError(
             f"domain_ids: values must lie in [0, {num_domains}), got "
             f"[{int(domain_ids.min())}, {int(domain_ids.max())}]"
         )
-    if flags[0]:
+    if bool(bad_label.any()):
         first = bad_label.nonzero()[0].tolist()
         raise DomainLossError(
             f"labels: values must be {ignore_index} (ignore_index) or lie in [0, {vocab}); "
             f"labels{tuple(first)} = {int(labels[tuple(first)])}"
         )
+
+
+def _clip_excess(token_loss: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``max(token_loss - ref, 0)`` keeping NaN: the expression of ``mdl_clip_excess`` (csrc/domain_loss_common.h)
+    that the C++ and CUDA kernels share, so every backend clips identically."""
+    diff = token_loss - ref
+    return torch.where(diff < 0, torch.zeros_like(diff), diff)
+
+
+def _non_overlapping(t: torch.Tensor) -> bool:
+    """True when no two elements of ``t`` share memory (a sufficient test: sorted by stride, each dimension of
+    size > 1 steps past the whole extent of the smaller ones). False for expanded (stride 0) views."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1)
+    extent = 1
+    for stride, size in dims:
+        if stride < extent:
+            return False
+        extent = stride * (size - 1) + extent
+    return True
+
+
+def _inplace_allowed(logits: torch.Tensor) -> bool:
+    """Whether the backward may write the gradient into the logits' own storage: never into overlapping memory
+    (each element would receive several rows' gradients), never into a leaf that requires grad or a view of one
+    (its ``.grad`` would alias itself and the parameter's values would be destroyed)."""
+    for t in (logits, logits._base):
+        if t is not None and t.is_leaf and t.requires_grad:
+            return False
+    return _non_overlapping(logits)
 
 
 # ------------------------------------------------------------------------------------------------------ oracle
@@ -172,7 +220,7 @@ def domain_cross_entropy_reference(
         excess = detached
     else:
         ref = ref_token_loss.detach().to(device=device, dtype=torch.float32)
-        excess = torch.where(valid, (detached - ref).clamp(min=0.0), torch.zeros_like(detached))
+        excess = torch.where(valid, _clip_excess(detached, ref), torch.zeros_like(detached))
     zeros = torch.zeros(num_domains, dtype=torch.float64, device=device)
     loss_sum = zeros.clone().scatter_add_(0, domain_ids, detached.double().sum(dim=1))
     excess_sum = zeros.clone().scatter_add_(0, domain_ids, excess.double().sum(dim=1))
@@ -232,8 +280,30 @@ class _CpuNative:
         self.ext.backward(logits, labels, lse, row_coef, ignore_index, grad)
 
 
+_NO_KERNEL_IMAGE = "no kernel image"
+_cuda_unusable: list[str] = []  # set once when the CUDA module cannot run on this GPU (then: torch path)
+
+
+def _cuda_fallback(exc: RuntimeError) -> bool:
+    """True (after one warning) when ``exc`` says the CUDA module has no code for this GPU's architecture."""
+    if _NO_KERNEL_IMAGE not in str(exc):
+        return False
+    if not _cuda_unusable:
+        _cuda_unusable.append(str(exc))
+        logger.warning(
+            "fused domain loss: the CUDA extension has no kernel for this GPU (%s); using the chunked torch path "
+            "from now on (correct, slower). Rebuild with TORCH_CUDA_ARCH_LIST including this GPU's "
+            "architecture (or +PTX) to get the kernel.",
+            str(exc).strip().splitlines()[-1],
+        )
+    return True
+
+
 class _CudaNative:
-    """csrc/domain_loss_cuda.cu: one block per row, launched on the current stream of the logits' device."""
+    """csrc/domain_loss_cuda.cu: one block per row, launched on the current stream of the logits' device.
+
+    A launch that fails with "no kernel image" (a GPU newer than the built architectures, no PTX) falls back to
+    the chunked torch path for that call and every later one, with one warning."""
 
     name = "cuda-native"
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
@@ -244,26 +314,30 @@ class _CudaNative:
     def forward(
         self, logits, labels, domain_ids, ref, ignore_index, token_loss, lse, loss_sum, excess_sum, count
     ):
+        args = (logits, labels, domain_ids, ref, ignore_index, token_loss, lse, loss_sum, excess_sum, count)
+        if _cuda_unusable:
+            return _TORCH_BACKEND.forward(*args)
         with torch.cuda.device(logits.device):
             stream = torch.cuda.current_stream(logits.device).cuda_stream
-            self.ext.forward(
-                logits,
-                labels,
-                domain_ids,
-                ref,
-                ignore_index,
-                token_loss,
-                lse,
-                loss_sum,
-                excess_sum,
-                count,
-                stream,
-            )
+            try:
+                self.ext.forward(*args, stream)
+            except RuntimeError as exc:
+                if not _cuda_fallback(exc):
+                    raise
+                _TORCH_BACKEND.forward(*args)
 
     def backward(self, logits, labels, lse, row_coef, ignore_index, grad):
+        args = (logits, labels, lse, row_coef, ignore_index, grad)
+        if _cuda_unusable:
+            return _TORCH_BACKEND.backward(*args)
         with torch.cuda.device(logits.device):
             stream = torch.cuda.current_stream(logits.device).cuda_stream
-            self.ext.backward(logits, labels, lse, row_coef, ignore_index, grad, stream)
+            try:
+                self.ext.backward(*args, stream)
+            except RuntimeError as exc:
+                if not _cuda_fallback(exc):
+                    raise
+                _TORCH_BACKEND.backward(*args)
 
 
 def _row_blocks(tensors: list[torch.Tensor], max_rows: int) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
@@ -309,15 +383,14 @@ class _TorchChunked:
             tl_flat[s:e] = torch.where(valid, row_lse - target, 0.0)
             lse_flat[s:e] = torch.where(valid, row_lse, 0.0)
         valid = labels != ignore_index
-        excess = (
-            token_loss if ref.numel() == 0 else torch.where(valid, (token_loss - ref).clamp(min=0.0), 0.0)
-        )
+        excess = token_loss if ref.numel() == 0 else torch.where(valid, _clip_excess(token_loss, ref), 0.0)
         rows = torch.stack(
             [token_loss.double().sum(1), excess.double().sum(1), valid.double().sum(1)]
         )  # [3, B]
         onehot = domain_ids.unsqueeze(0) == torch.arange(loss_sum.numel(), device=logits.device).unsqueeze(1)
-        # [3, D, B] -> [3, D]: a plain (deterministic, atomic-free) reduction over B
-        per_domain = (rows.unsqueeze(1) * onehot.unsqueeze(0).double()).sum(dim=2)
+        # [3, D, B] -> [3, D]: a plain (deterministic, atomic-free) reduction over B; where(), not a product with
+        # the one-hot mask, so that a NaN row stays in its own domain (NaN * 0 would poison every domain)
+        per_domain = torch.where(onehot.unsqueeze(0), rows.unsqueeze(1), 0.0).sum(dim=2)
         loss_sum.copy_(per_domain[0])
         excess_sum.copy_(per_domain[1])
         count.copy_(per_domain[2])
@@ -434,6 +507,7 @@ def fused_domain_cross_entropy(
     *,
     inplace_backward: bool = False,
     backend: str = "auto",
+    check_values: bool = True,
 ) -> DomainLossOutput:
     """Per-token cross-entropy of ``logits`` [B, T, V] vs aligned ``labels`` [B, T], grouped by row domain.
 
@@ -447,8 +521,12 @@ def fused_domain_cross_entropy(
         ignore_index: label value that is skipped (loss 0, count 0, gradient 0).
         normalizer: divisor of the scaled loss sum (float or scalar tensor, treated as a constant); default
             the sum of scales over this call's scored tokens.
-        inplace_backward: overwrite the logits' buffer with their gradient during backward (see module doc).
+        inplace_backward: overwrite the logits' buffer with their gradient during backward (see module doc);
+            ignored (out of place) when the logits' elements overlap (e.g. an expanded, stride-0 view) or the
+            logits are, or are a view of, a leaf that requires grad.
         backend: "auto" | "native" | "torch" (see module doc).
+        check_values: range-check labels and domain ids (exact on CPU; one asynchronous device-side assert on
+            an accelerator, no host sync). Callers that validated their batches pass False.
 
     Returns:
         :class:`DomainLossOutput` (loss, token_loss, domain_loss_sum, domain_excess_sum, domain_token_count).
@@ -458,7 +536,8 @@ def fused_domain_cross_entropy(
     device = logits.device
     labels64 = labels.to(device=device, dtype=torch.long).contiguous()
     domains64 = domain_ids.to(device=device, dtype=torch.long).contiguous()
-    _check_values(labels64, domains64, num_domains, logits.shape[-1], ignore_index)
+    if check_values:
+        _check_values(labels64, domains64, num_domains, logits.shape[-1], ignore_index)
     if ref_token_loss is None:
         ref = torch.empty(0, dtype=torch.float32, device=device)
     else:
@@ -472,7 +551,15 @@ def fused_domain_cross_entropy(
         norm = torch.as_tensor(normalizer, dtype=torch.float64, device=device).detach().reshape(())
     impl = resolve_backend(device, backend, logits.dtype)
     loss, token_loss, loss_sum, excess_sum, count = _FusedDomainLossFn.apply(
-        logits, labels64, domains64, ref, scale, norm, int(ignore_index), impl, bool(inplace_backward)
+        logits,
+        labels64,
+        domains64,
+        ref,
+        scale,
+        norm,
+        int(ignore_index),
+        impl,
+        bool(inplace_backward) and _inplace_allowed(logits),
     )
     return DomainLossOutput(loss, token_loss, loss_sum, excess_sum, count)
 

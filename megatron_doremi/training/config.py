@@ -29,6 +29,7 @@ Layout (every section optional except ``model``, ``data`` and ``schedule``; defa
       "health": {"peak_tflops": null},        # the accelerator's dense bf16 peak; null = the built-in table
       "output_dir": "runs/run", "seed": 1234, "deepspeed_config": "examples/ds_configs/zero3.json",
       "log_interval": 1, "progress_bar": true, "tensorboard": false, "activation_checkpointing": false,
+      "fused_lm_head": false,                 # lm_head GEMM + loss fused, no [B*T, V] logits (lm_head_loss.py)
       "debug": {"dump_samples": false, "dump_mixer": false, "step_sleep_s": 0, "save_sleep_s": 0,
                 "overflow_steps": []}
     }
@@ -166,6 +167,7 @@ _TOP_LEVEL: dict[str, Any] = {
     "progress_bar": True,
     "tensorboard": False,  # alias of tracking.tensorboard
     "activation_checkpointing": False,
+    "fused_lm_head": False,
     "description": "",
 }
 
@@ -261,6 +263,7 @@ class RunConfig:
     progress_bar: bool = True
     tensorboard: bool = False
     activation_checkpointing: bool = False
+    fused_lm_head: bool = False
     description: str = ""
     source: str = "config"
     raw: dict[str, Any] = field(default_factory=dict)
@@ -313,6 +316,7 @@ class RunConfig:
             "progress_bar": self.progress_bar,
             "tensorboard": self.tensorboard,
             "activation_checkpointing": self.activation_checkpointing,
+            "fused_lm_head": self.fused_lm_head,
             "description": self.description,
         }
 
@@ -629,7 +633,7 @@ def validate_run_config(raw: dict[str, Any], source: str = "config", check_files
         raise ConfigError(f"{source}: output_dir must be a non-empty path string, got {output_dir!r}")
     log_interval = _int(source, "log_interval", raw.get("log_interval", 1), 1)
     seed = _int(source, "seed", raw.get("seed", _TOP_LEVEL["seed"]), 0)
-    for key in ("progress_bar", "tensorboard", "activation_checkpointing"):
+    for key in ("progress_bar", "tensorboard", "activation_checkpointing", "fused_lm_head"):
         if not isinstance(raw.get(key, _TOP_LEVEL[key]), bool):
             raise ConfigError(f"{source}: {key} must be true or false, got {raw[key]!r}")
     from megatron_doremi.training.tracking import validate_tracking
@@ -654,6 +658,7 @@ def validate_run_config(raw: dict[str, Any], source: str = "config", check_files
         progress_bar=bool(raw.get("progress_bar", True)),
         tensorboard=tracking["tensorboard"],
         activation_checkpointing=bool(raw.get("activation_checkpointing", False)),
+        fused_lm_head=bool(raw.get("fused_lm_head", False)),
         description=str(raw.get("description", "")),
         source=source,
         raw=raw,

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from megatron_doremi.data.loader import model_inputs
-from megatron_doremi.ops.domain_loss import domain_cross_entropy, domain_token_counts
+from megatron_doremi.ops.domain_loss import domain_token_counts
 from megatron_doremi.training import dist
 from megatron_doremi.training.checkpoint import (
     CheckpointError,
@@ -54,6 +54,8 @@ from megatron_doremi.training.divergence import DivergenceError, DivergenceGuard
 from megatron_doremi.training.ds_config import resolve_deepspeed_config, zero_stage
 from megatron_doremi.training.evaluation import evaluate_domains
 from megatron_doremi.training.health import HealthMeter
+from megatron_doremi.training.lm_head_loss import domain_loss as lm_head_domain_loss
+from megatron_doremi.training.lm_head_loss import logits_from_output
 from megatron_doremi.training.lr_schedule import make_lr_scheduler, restore_lr
 from megatron_doremi.training.metrics import (
     JsonlLog,
@@ -227,7 +229,11 @@ class Trainer:
         )
         self.grad_accum = int(self.ds_config["gradient_accumulation_steps"])
         model = build_model(
-            cfg.model, self.ds_config, seed=cfg.seed, activation_checkpointing=cfg.activation_checkpointing
+            cfg.model,
+            self.ds_config,
+            seed=cfg.seed,
+            activation_checkpointing=cfg.activation_checkpointing,
+            fused_lm_head=cfg.fused_lm_head,
         )
         self.vocab_size = int(model.config.vocab_size)
         self.hf_config = model.config.to_dict()
@@ -497,8 +503,9 @@ class Trainer:
                 {"input_ids": input_ids, "labels": labels, "domain_id": domain_id, **extra}
             )
             t_ref += time.time() - t1
-            logits = engine(input_ids=input_ids, use_cache=False, **extra).logits
-            out = domain_cross_entropy(
+            logits = engine(input_ids=input_ids, use_cache=False, **extra).logits  # hidden states if fused
+            out = lm_head_domain_loss(
+                engine,
                 logits,
                 labels,
                 domain_id,
@@ -700,7 +707,7 @@ class Trainer:
         t0 = time.time()
 
         def forward(input_ids: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
-            return engine(input_ids=input_ids, use_cache=False, **extra).logits
+            return logits_from_output(engine, engine(input_ids=input_ids, use_cache=False, **extra).logits)
 
         try:
             result = evaluate_domains(

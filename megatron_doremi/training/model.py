@@ -124,10 +124,13 @@ def build_model(
     ds_config: dict[str, Any],
     seed: int = 1234,
     activation_checkpointing: bool = False,
+    fused_lm_head: bool = False,
 ) -> torch.nn.Module:
     """Build the causal LM (fp32 parameters; partitioned at creation under ZeRO-3).
 
     ``model_spec`` is an HF config dict (random init with ``seed``) or a local directory (``from_pretrained``).
+    ``fused_lm_head``: the model returns its final hidden states as ``.logits`` and the trainer's loss runs the
+    lm_head GEMM fused with the per-domain loss (:mod:`megatron_doremi.training.lm_head_loss`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -162,6 +165,10 @@ def build_model(
         logger.info("apex: using %s for %d norm layers; optimizer: DeepSpeed's fused Adam", apex.reason, n)
     else:
         logger.info("apex: not used (%s); torch RMSNorm path", apex.reason)
+    if fused_lm_head:
+        from megatron_doremi.training.lm_head_loss import enable_fused_lm_head
+
+        enable_fused_lm_head(model)
     return model
 
 
