@@ -322,18 +322,61 @@ def test_report_content(tmp_path):
                           runs={"main": str(tmp_path / "main")})  # fmt: skip
     md = Path(result.report_md).read_text()
     assert f"| alpha | 0.3333 | {avg['alpha']:.4f} |" in md
-    assert "| alpha | 2.5000 | 2.0000 | -0.5000 | yes |" in md
-    assert "| beta | 3.0000 | 3.5000 | +0.5000 | no |" in md
+    assert "| alpha | 100 | 2.5000 | 2.0000 | -0.5000 | n/a | n/a | not tested |" in md
+    assert "| beta | 100 | 3.0000 | 3.5000 | +0.5000 | n/a | n/a | not tested |" in md
     uniform_b, uniform_d = sum(LOSSES["baseline"]) / 3, sum(LOSSES["main"]) / 3
-    assert f"| **uniform average** | {uniform_b:.4f} | {uniform_d:.4f} | {uniform_d - uniform_b:+.4f} |" in md
-    assert "| **worst case** | 3.0000 (beta) | 3.5000 (beta) | +0.5000 |" in md
-    assert "DoReMi improves 2 of 3 domains (alpha, gamma); worse on beta." in md
+    assert (
+        f"| **uniform average** |  | {uniform_b:.4f} | {uniform_d:.4f} | {uniform_d - uniform_b:+.4f} |" in md
+    )
+    assert "| **worst case** |  | 3.0000 | 3.5000 | +0.5000 |" in md
+    assert (
+        "1 replicate, so no significance can be claimed" in md and "better" not in md.split("## Headline")[1]
+    )
     assert "DoReMi up-weights gamma and down-weights alpha; beta within 1% of the reference." in md
     assert "![validation loss](loss.png)" in md and (tmp_path / "loss.png").stat().st_size > 1000
     doc = json.loads(Path(result.report_json).read_text())
-    assert doc["comparison"]["improved"] == ["alpha", "gamma"] and doc["doremi_weights"] == avg
+    assert doc["comparison"]["improved"] == [] and doc["doremi_weights"] == avg  # one seed: nothing claimed
     assert math.isclose(doc["comparison"]["uniform"]["delta"], uniform_d - uniform_b)
-    assert "DoReMi improves 2 of 3 domains: alpha, gamma" in result.headline
+    assert doc["verdict_summary"]["DoReMi"]["not tested"] == 3
+    assert "DoReMi improves" not in result.headline and "no significance can be claimed" in result.headline
+
+
+def test_report_with_replicates_has_intervals_and_verdicts(tmp_path):
+    from megatron_doremi.report import RoundWeights
+
+    ref = {n: 1 / 3 for n in NAMES}
+    avg = dict(zip(NAMES, LEARNED[1].tolist()))
+    jitter = ([0.0, 0.01, -0.01], [0.02, -0.03, 0.0], [-0.01, 0.02, 0.01])
+
+    def ev(losses, j, bpb=True):
+        return {"domains": {n: {"loss": v + d, "tokens": 100 + i, **({"bpb": (v + d) / 3} if bpb else {})}
+                            for i, (n, v, d) in enumerate(zip(NAMES, losses, j))}}  # fmt: skip
+
+    base = [ev([2.5, 3.0, 1.25], j) for j in jitter]
+    # alpha: 0.5 lower on every seed (better); beta: +/- noise (no difference); gamma: 0.3 higher (worse)
+    main_ = [ev([2.0, 3.0 + e, 1.55], j) for e, j in zip((0.05, -0.04, 0.0), jitter)]
+    result = write_report(str(tmp_path), NAMES, ref, [RoundWeights(1, avg, avg)], main_, base, plots=False)
+    doc = json.loads(Path(result.report_json).read_text())
+    d = doc["seeds"]["DoReMi"]["domains"]
+    assert [d[n]["verdict"] for n in NAMES] == ["better", "no significant difference", "worse"]
+    assert d["alpha"]["loss"]["values"] == pytest.approx([2.0, 2.02, 1.99]) and d["alpha"]["tokens"] == 100
+    assert d["alpha"]["loss"]["mean"] == pytest.approx(6.01 / 3) and d["alpha"]["loss"]["ci95"] > 0
+    assert d["alpha"]["bpb"]["mean"] == pytest.approx(6.01 / 9)
+    assert doc["verdict_summary"]["DoReMi"] == {"better": 1, "worse": 1, "no significant difference": 1,
+                                                "not tested": 0}  # fmt: skip
+    assert doc["seeds"]["baseline"]["uniform"]["loss"]["ci95"] is not None
+    assert doc["seeds"]["DoReMi"]["worst"]["verdict"] in ("worse", "no significant difference", "better")
+    assert doc["comparison"]["improved"] == ["alpha"] and doc["comparison"]["worse"] == ["gamma"]
+    assert "±" in result.headline and "better on alpha; worse on gamma" in result.headline
+    md = Path(result.report_md).read_text()
+    assert (
+        "| alpha | 100 | 2.5033 ± 0.0379 | 2.0033 ± 0.0379 | -0.5000 ± 0.0000 | 0.834 ± 0.013 | 0.668 ± 0.013 | better |"
+        in md
+    )
+    # a summary without bpb: bpb is n/a, nothing crashes
+    result = write_report(str(tmp_path), NAMES, ref, [RoundWeights(1, avg, avg)],
+                          [ev([2.0, 3.0, 1.5], j, bpb=False) for j in jitter], base, plots=False)  # fmt: skip
+    assert "[n/a]" in result.headline
 
 
 # ---- shipped configs and the SLURM template -----------------------------------------------------------------------
