@@ -67,6 +67,7 @@ class RoundWeights:
     proxy_dir: str | None = None
     reference_dir: str | None = None
     reference_weights: dict[str, float] | None = None
+    proxy_averages: Sequence[Mapping[str, float]] = ()  # each proxy replicate's ᾱ (average is their mean)
 
 
 @dataclass
