@@ -207,6 +207,17 @@ def seed_statistics(
     return out
 
 
+def _spread(averages: Sequence[Mapping[str, float]], names: Sequence[str]) -> dict[str, Any] | None:
+    """Per domain the min, max and mean ± ci95 of ᾱ across proxy replicates (None with fewer than 2)."""
+    if len(averages) < 2:
+        return None
+    out = {}
+    for n in names:
+        vals = [float(a[n]) for a in averages]
+        out[n] = {"min": min(vals), "max": max(vals), **estimate(vals)}
+    return out
+
+
 def _pm(est: Mapping[str, Any] | None, digits: int = 4, sign: bool = False) -> str:
     """``mean ± ci95`` (just the mean with one replicate; ``n/a`` when unknown)."""
     if not est or est.get("mean") is None:
@@ -772,6 +783,17 @@ def write_report(
         + (f"; {', '.join(same)} within 1% of the reference." if same else ".")
     )
     lines.append("")
+    for r in rounds:
+        spread = _spread(r.proxy_averages, names)
+        if spread:
+            lines.append(
+                f"Spread of ᾱ across the {len(r.proxy_averages)} proxy seeds (round {r.round}; the main model "
+                "trained on their mean):"
+            )
+            lines.append("")
+            rows = [[n, _pm(spread[n]), f"{spread[n]['min']:.4f}", f"{spread[n]['max']:.4f}"] for n in names]
+            lines += _md_table(["domain", "ᾱ mean ± ci95", "min", "max"], rows)
+            lines.append("")
     if plots:
         lines += ["![domain weights](weights.png)", ""]
     for r in rounds:
@@ -854,6 +876,8 @@ def write_report(
                 "proxy_dir": r.proxy_dir,
                 "reference_dir": r.reference_dir,
                 "reference_weights": r.reference_weights,
+                "proxy_averages": [dict(a) for a in r.proxy_averages],
+                "proxy_spread": _spread(r.proxy_averages, names),
             }
             for r in rounds
         ],

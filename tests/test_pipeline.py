@@ -88,7 +88,7 @@ class FakeTrainer:
             return 1
         kind = name.split("/")[-1]
         if kind == "proxy":
-            r = int(name.split("/")[0].removeprefix("round")) if "/" in name else 1
+            r = int(name.split("/")[0].removeprefix("round")) if name.startswith("round") else 1
             write_domain_weights_json(out / "domain_weights.json", NAMES, LEARNED[r], LEARNED[r][::-1])
         elif cfg["mixer"]["type"] not in ("static", "doremi"):  # an online mixer: its average weights
             write_domain_weights_json(out / "domain_weights.json", NAMES, [0.5, 0.25, 0.25], [0.6, 0.2, 0.2])
@@ -287,6 +287,81 @@ def test_cli_errors_and_dry_run(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
     assert main(["--config", str(tmp_path / "missing.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_replicates_train_every_main_model_per_seed_and_report_verdicts(tmp_path):
+    fake = FakeTrainer()
+    cfg = _pipeline(
+        tmp_path, replicates=2, proxy_replicates=2, base={**_pipeline(tmp_path)["base"], "seed": 7}
+    )
+    result = run_pipeline(cfg, runner=fake, echo=False)
+    out = tmp_path / "out"
+    assert [c[0] for c in fake.calls] == ["reference", "proxy", "seed8/proxy", "main", "baseline", "seed8/main",
+                                          "seed8/baseline"]  # fmt: skip
+    assert _cfg(out, "proxy")["seed"] == 7 and _cfg(out, "seed8/proxy")["seed"] == 8
+    assert _cfg(out, "seed8/proxy")["mixer"]["reference"] == _cfg(out, "proxy")["mixer"]["reference"]
+    assert _cfg(out, "main")["seed"] == 7 and _cfg(out, "seed8/main")["seed"] == 8
+    assert _cfg(out, "seed8/main")["mixer"] == _cfg(out, "main")["mixer"]  # both on the mean ᾱ
+    assert _cfg(out, "seed8/main")["output_dir"] == str(out / "seed8" / "main")
+    doc = json.loads(Path(result["report_json"]).read_text())
+    assert doc["rounds"][0]["average"] == pytest.approx(dict(zip(NAMES, LEARNED[1].tolist())))
+    assert len(doc["rounds"][0]["proxy_averages"]) == 2
+    d = doc["seeds"]["DoReMi"]["domains"]
+    assert (
+        d["alpha"]["loss"]["values"] == [2.0, 2.0] and d["alpha"]["verdict"] == "better"
+    )  # -0.5 on both seeds
+    assert d["beta"]["verdict"] == "worse" and doc["verdict_summary"]["DoReMi"]["better"] == 2
+    assert "±" in result["headline"]
+
+
+def test_a_half_done_replicate_pipeline_resumes(tmp_path, capsys):
+    cfg = _pipeline(tmp_path, replicates=2)
+    with pytest.raises(StepFailed, match="step seed1235/main failed"):
+        run_pipeline(cfg, runner=FakeTrainer(no_summary={"seed1235/main"}), echo=False)
+    again = FakeTrainer()
+    result = run_pipeline(cfg, runner=again, echo=False)
+    assert [c[0] for c in again.calls] == ["seed1235/main", "seed1235/baseline"]
+    assert result["skipped"] == ["reference", "proxy", "main", "baseline"]
+    assert "seed1235/main: resuming" in capsys.readouterr().out
+    assert json.loads(Path(result["report_json"]).read_text())["seeds"]["DoReMi"]["replicates"] == 2
+
+
+def test_a_baseline_that_is_the_reference_run_reuses_it(tmp_path, capsys):
+    cfg = _pipeline(tmp_path, replicates=2, main={}, export_hf=False)
+    fake = FakeTrainer(losses={"reference": [2.5, 3.0, 1.25]})
+    result = run_pipeline(cfg, runner=fake, echo=False)
+    # replicate 0's baseline = the reference (same model, data, weights, seed, steps); seed 1235's is trained
+    assert [c[0] for c in fake.calls] == ["reference", "proxy", "main", "seed1235/main", "seed1235/baseline"]
+    assert result["reused"] == ["baseline"] and result["steps"]["baseline"] == str(
+        tmp_path / "out" / "reference"
+    )
+    assert "baseline: the same run as the reference" in capsys.readouterr().out
+
+
+def test_proxy_sampling_weights_default_uniform_leaves_the_key_out(tmp_path):
+    run_pipeline(_pipeline(tmp_path, reference_weights="mixture"), runner=FakeTrainer(), echo=False)
+    proxy = _cfg(tmp_path / "out", "proxy")["mixer"]
+    assert "sampling_weights" not in proxy  # the trainer's default is uniform
+    assert proxy["reference_weights"] != {n: 1 / 3 for n in NAMES}
+
+
+def test_proxy_sampling_weights_are_their_own_setting(tmp_path):
+    from megatron_doremi.training.mixer_factory import DOREMI_DEFAULTS
+
+    if "sampling_weights" not in DOREMI_DEFAULTS:
+        pytest.skip("this trainer has no mixer.sampling_weights yet")
+    fake = FakeTrainer()
+    cfg = _pipeline(tmp_path, rounds=2, baseline=False, reference_weights="mixture")
+    cfg["proxy"]["mixer"]["sampling_weights"] = [1, 1, 2]
+    run_pipeline(cfg, runner=fake, echo=False)
+    out = tmp_path / "out"
+    raw = np.array([1.0 + len(n) for n in NAMES])
+    for step in ("proxy", "round2/proxy"):  # rounds >= 2 keep the proxy's sampling weights
+        assert _cfg(out, step)["mixer"]["sampling_weights"] == {"alpha": 0.25, "beta": 0.25, "gamma": 0.5}
+    assert _cfg(out, "proxy")["mixer"]["reference_weights"] == pytest.approx(
+        dict(zip(NAMES, raw / raw.sum()))
+    )
+    assert _cfg(out, "reference")["mixer"]["weights"] == _cfg(out, "proxy")["mixer"]["reference_weights"]
 
 
 # ---- report -------------------------------------------------------------------------------------------------------
