@@ -719,7 +719,7 @@ class _Pipeline:
     ) -> dict[str, Any]:
         """``run_config`` of ``step``; a compared step takes its entry's weights or mixer instead of ``weights``."""
         if step.kind == "compare":
-            entry = compare[step.name.split("/", 1)[1]]
+            entry = compare[step.name.rsplit("compare/", 1)[1]]
             return self.run_config(step, entry.weights, mixer=entry.mixer)
         return self.run_config(step, weights, **kw)
 
@@ -875,7 +875,7 @@ class _Pipeline:
                 launcher = _launcher_for(self.cfg, step.kind, self.source)
                 done = self.finished(step, self.merged(step.kind)) if os.path.isdir(step.dir) else False
                 if step.kind == "compare":
-                    launcher += f"; {compare[step.name.split('/', 1)[1]].source}"
+                    launcher += f"; {compare[step.name.rsplit('compare/', 1)[1]].source}"
                 print(f"[{i}/{len(steps)}] {step.name}: {'finished' if done else 'to run'} -> {step.dir} "
                       f"({launcher})")  # fmt: skip
             return {"output_dir": self.out, "steps": {s.name: s.dir for s in steps}, "domain_names": names}

@@ -863,6 +863,15 @@ def write_report(
     headline = headline_table(names, reference_weights, final.average, comparison, seeds)
     if method_comparison is not None:
         headline += "\n\n" + methods_table(names, method_weights, method_comparison)
+    frac = (costs or {}).get("search_fraction") or {}
+    if frac:
+        parts = [f"{m} {v:.2f}x" if isinstance(v, (int, float)) else f"{m} n/a" for m, v in frac.items()]
+        cost_line = (
+            "Search cost beside the main model, as a fraction of one main-model run's training FLOPs "
+            "(n/a where a run did not record train_flops): " + ", ".join(parts) + "."
+        )
+        lines += [cost_line, ""]
+        headline += "\n" + cost_line
     lines += ["## Headline", "", "```", headline, "```", ""]
     atomic_write_text(md_path, "\n".join(lines))
     doc = {

@@ -525,3 +525,24 @@ def test_pipeline_sbatch_composes_the_launcher(tmp_path):
     assert "(srun --nodes=3 --ntasks-per-node=4 --cpus-per-task=8 --kill-on-bad-exit=1)" in proc.stdout
     proc = run(LAUNCHER_KIND="mpi")
     assert proc.returncode == 2 and "LAUNCHER_KIND must be deepspeed or srun" in proc.stderr
+
+
+def test_costs_are_fractions_of_one_main_run_when_runs_record_train_flops(tmp_path):
+    fake = FakeTrainer()
+
+    def with_flops(name, cmd, log_path, env):
+        rc = fake(name, cmd, log_path, env)
+        cfg = json.loads(Path(cmd[cmd.index("--config") + 1]).read_text())
+        path = Path(cfg["output_dir"]) / "train_summary.json"
+        doc = json.loads(path.read_text())
+        path.write_text(json.dumps({**doc, "train_flops": 1e9 * cfg["schedule"]["train_iters"]}))
+        return rc
+
+    result = run_pipeline(_pipeline(tmp_path), runner=with_flops, echo=False)
+    costs = json.loads(Path(result["report_json"]).read_text())["costs"]
+    assert costs["main_run_flops"] == 7e9 and costs["train_flops"]["proxy"] == 5e9
+    assert costs["search_fraction"]["DoReMi"] == pytest.approx(10 / 7)  # reference + proxy vs one main run
+    assert (
+        "fraction of one main-model run's training FLOPs (n/a where a run did not record train_flops): DoReMi 1.43x"
+        in result["headline"]
+    )

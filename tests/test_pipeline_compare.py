@@ -262,3 +262,23 @@ def test_compare_methods_numbers_and_ties():
     with pytest.raises(ValueError, match="no 'baseline'"):
         compare_methods(["a", "b"], {"DoReMi": ev(1, 1)})
     assert math.isclose(c["token_weighted"]["baseline"], 2.25)
+
+
+def test_compare_entries_with_replicates(tmp_path, capsys):
+    cfg = _sized_pipeline(tmp_path, compare={"regmix": _regmix_file(tmp_path)}, replicates=2)
+    fake = FakeTrainer(losses=COMPARE_LOSSES)
+    result = run_pipeline(cfg, runner=fake, echo=False)
+    assert [c[0] for c in fake.calls][-3:] == [
+        "seed1235/main",
+        "seed1235/baseline",
+        "seed1235/compare/regmix",
+    ]
+    out = tmp_path / "out"
+    assert _cfg(out, "seed1235/compare/regmix")["seed"] == 1235
+    assert _cfg(out, "seed1235/compare/regmix")["mixer"] == _cfg(out, "compare/regmix")["mixer"]
+    doc = json.loads(Path(result["report_json"]).read_text())
+    assert doc["seeds"]["regmix"]["replicates"] == 2
+    assert doc["seeds"]["regmix"]["domains"]["alpha"]["verdict"] == "better"  # 1.5 vs 2.5 on both seeds
+    assert doc["costs"]["search_fraction"]["regmix"] is None  # no train_flops recorded by the fake runs
+    run_pipeline(cfg, runner=FakeTrainer(), echo=False, dry_run=True)
+    assert "seed1235/compare/regmix: finished" in capsys.readouterr().out
