@@ -10,6 +10,9 @@ Pipeline config (JSON; relative paths are relative to the current directory, lik
                                  #   {"default": ..., "reference": ..., "proxy": ..., "main": ..., "baseline": ..., "compare": ...}
       "rounds": 1,               # iterated DoReMi: round r+1's reference trains on (and its proxy samples with)
                                  #   round r's ᾱ
+      "replicates": 1,           # main, baseline and compare models trained with seeds seed, seed+1, ...
+                                 #   (replicate i >= 1 under seed<S>/); the report's verdicts pair them by seed
+      "proxy_replicates": 1,     # K proxies (seeds seed..seed+K-1) per round; step 3 trains on their mean ᾱ
       "reference_weights": null, # null/"uniform" | "mixture" (the mixture's weights) | [w, ...] | {name: w}
       "baseline": true,          # also train the main model on the reference weights, and compare
       "compare": {},             # more main models, one per other mixing method: {label: spec} (below)
@@ -20,7 +23,8 @@ Pipeline config (JSON; relative paths are relative to the current directory, lik
 
 A step's ``model`` given as a file or directory replaces the base model; given as an object it is merged into
 it (``"main": {"model": {"num_hidden_layers": 24}}``). ``proxy.mixer`` takes the DoReMi options (``step_size``, ``smoothing``, ``initial_weights``, ``warmup_step``,
-``update_step``, ``update_times``, ``resample``, ``reference: {"mode", "allow_architecture_mismatch"}``). The
+``update_step``, ``update_times``, ``resample``, ``reference: {"mode", "allow_architecture_mismatch"}``,
+``sampling_weights``: what the proxy samples with, default uniform, the same in every round). The
 pipeline sets ``output_dir``, ``checkpoint.save/load/export_hf`` and the mixers itself: giving them is an error.
 **Comparing methods.** Each ``compare`` entry trains one more main model (``main``'s config, a static mixer on
 the entry's weights, or the entry's online mixer) and becomes a column of the report beside DoReMi and the

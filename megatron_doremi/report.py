@@ -3,8 +3,9 @@
 Inputs are plain data (no training objects): the domain names, the reference weights, each round's DoReMi
 weights (``domain_weights.json`` ``average``/``final``) and the per-domain validation results of the DoReMi main
 model and the baseline (the trainer's ``eval_summary.json``: ``domains.<name>.loss``, ``token_weighted``,
-``uniform``, ``worst``). A domain *improved* when DoReMi's validation loss is lower than the baseline's by more
-than ``TIE_TOLERANCE`` (1e-6 nats/token). Other mixing methods' main models (the pipeline's ``compare`` entries,
+``uniform``, ``worst``; ``bpb`` when recorded), one summary per seed. A domain *improved* only when the paired
+(same seed) difference to the baseline has a 95% interval below 0 (:mod:`megatron_doremi.stats`); with one seed
+nothing is claimed. ``TIE_TOLERANCE`` (1e-6 nats/token) only marks the best value of a row. Other mixing methods' main models (the pipeline's ``compare`` entries,
 :class:`MethodResult`) become more columns: :func:`compare_methods`, :func:`methods_table`.
 
 Outputs in ``out_dir`` (each written under a temporary name, then renamed):
