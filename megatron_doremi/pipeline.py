@@ -10,6 +10,9 @@ Pipeline config (JSON; relative paths are relative to the current directory, lik
                                  #   {"default": ..., "reference": ..., "proxy": ..., "main": ..., "baseline": ..., "compare": ...}
       "rounds": 1,               # iterated DoReMi: round r+1's reference trains on (and its proxy samples with)
                                  #   round r's ᾱ
+      "replicates": 1,           # main, baseline and compare models trained with seeds seed, seed+1, ...
+                                 #   (replicate i >= 1 under seed<S>/); the report's verdicts pair them by seed
+      "proxy_replicates": 1,     # K proxies (seeds seed..seed+K-1) per round; step 3 trains on their mean ᾱ
       "reference_weights": null, # null/"uniform" | "mixture" (the mixture's weights) | [w, ...] | {name: w}
       "baseline": true,          # also train the main model on the reference weights, and compare
       "compare": {},             # more main models, one per other mixing method: {label: spec} (below)
@@ -20,7 +23,8 @@ Pipeline config (JSON; relative paths are relative to the current directory, lik
 
 A step's ``model`` given as a file or directory replaces the base model; given as an object it is merged into
 it (``"main": {"model": {"num_hidden_layers": 24}}``). ``proxy.mixer`` takes the DoReMi options (``step_size``, ``smoothing``, ``initial_weights``, ``warmup_step``,
-``update_step``, ``update_times``, ``resample``, ``reference: {"mode", "allow_architecture_mismatch"}``). The
+``update_step``, ``update_times``, ``resample``, ``reference: {"mode", "allow_architecture_mismatch"}``,
+``sampling_weights``: what the proxy samples with, default uniform, the same in every round). The
 pipeline sets ``output_dir``, ``checkpoint.save/load/export_hf`` and the mixers itself: giving them is an error.
 **Comparing methods.** Each ``compare`` entry trains one more main model (``main``'s config, a static mixer on
 the entry's weights, or the entry's online mixer) and becomes a column of the report beside DoReMi and the
@@ -87,6 +91,7 @@ __all__ = [
 ]
 
 TRAIN_MODULE = "megatron_doremi.train"
+_TRAINER_DEFAULT_SEED = 1234  # the run config's default "seed" (docs/training.md)
 STEP_CONFIG = "pipeline_config.json"
 KINDS = ("reference", "proxy", "main", "baseline", "compare")
 _TOP_KEYS = {
@@ -94,6 +99,8 @@ _TOP_KEYS = {
     "output_dir": None,
     "launcher": "python",
     "rounds": 1,
+    "replicates": 1,
+    "proxy_replicates": 1,
     "reference_weights": None,
     "baseline": True,
     "compare": {},
@@ -112,6 +119,7 @@ _PROXY_MIXER_KEYS = (
     "update_times",
     "resample",
     "reference",
+    "sampling_weights",
 )
 _REFERENCE_OPTION_KEYS = ("mode", "allow_architecture_mismatch")
 _COMPARE_FORMS = ("weights", "heuristic", "mixer")
@@ -183,6 +191,7 @@ class Step:
     kind: str  # one of KINDS
     round: int | None
     dir: str
+    replicate: int = 0  # replicate i trains with seed + i (main, baseline, compare; proxies)
 
 
 # ---- config ------------------------------------------------------------------------------------------------------
@@ -275,6 +284,12 @@ def load_pipeline_config(
     rounds = cfg["rounds"]
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise PipelineError(f"{source}: rounds must be an integer >= 1, got {rounds!r}")
+    for key in ("replicates", "proxy_replicates"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise PipelineError(
+                f"{source}: {key} must be an integer >= 1 (seeds seed, seed+1, ...), got {v!r}"
+            )
     for key in ("baseline", "export_hf"):
         if not isinstance(cfg[key], bool):
             raise PipelineError(f"{source}: {key} must be true or false, got {cfg[key]!r}")
@@ -431,6 +446,19 @@ def build_command(launcher: str, config_path: str) -> list[str]:
 # ---- the pipeline ------------------------------------------------------------------------------------------------
 
 
+def _same_run(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two run configs train the same model (equal apart from output_dir and checkpoint paths)."""
+
+    def strip(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in cfg.items() if k != "output_dir"}
+        out["checkpoint"] = {
+            k: v for k, v in (cfg.get("checkpoint") or {}).items() if k not in ("save", "load", "export_hf")
+        }
+        return out
+
+    return strip(a) == strip(b)
+
+
 def _read_json(path: str, what: str = "JSON file") -> Any:
     return read_json_file(path, what, PipelineError)
 
@@ -472,6 +500,7 @@ class _Pipeline:
         self.ran: list[str] = []
         self.skipped: list[str] = []
         self.lock: RunLock | None = None
+        self.reused: list[str] = []
 
     def release_lock(self) -> None:
         if self.lock is not None:
@@ -486,13 +515,25 @@ class _Pipeline:
             root = self.out if r == 1 else os.path.join(self.out, f"round{r}")
             prefix = "" if r == 1 else f"round{r}/"
             out.append(Step(f"{prefix}reference", "reference", r, os.path.join(root, "reference")))
-            out.append(Step(f"{prefix}proxy", "proxy", r, os.path.join(root, "proxy")))
-        out.append(Step("main", "main", None, os.path.join(self.out, "main")))
-        if self.cfg["baseline"]:
-            out.append(Step("baseline", "baseline", None, os.path.join(self.out, "baseline")))
-        for label in self.cfg["compare"]:
-            out.append(Step(f"compare/{label}", "compare", None, os.path.join(self.out, "compare", label)))
+            for k in range(int(self.cfg["proxy_replicates"])):
+                sub = "" if k == 0 else f"seed{self.seed('proxy') + k}/"
+                out.append(Step(f"{prefix}{sub}proxy", "proxy", r, os.path.join(root, sub, "proxy"), k))
+        for i in range(int(self.cfg["replicates"])):
+            sub = "" if i == 0 else f"seed{self.seed('main') + i}/"
+            root = os.path.join(self.out, sub)
+            out.append(Step(f"{sub}main", "main", None, os.path.join(root, "main"), i))
+            if self.cfg["baseline"]:
+                out.append(Step(f"{sub}baseline", "baseline", None, os.path.join(root, "baseline"), i))
+            for label in self.cfg["compare"]:
+                out.append(
+                    Step(f"{sub}compare/{label}", "compare", None, os.path.join(root, "compare", label), i)
+                )
         return out
+
+    def seed(self, kind: str) -> int:
+        """The run seed of step ``kind`` (replicate 0); replicate i trains with seed + i."""
+        seed = self.merged(kind).get("seed")
+        return int(_TRAINER_DEFAULT_SEED if seed is None else seed)
 
     def merged(self, kind: str) -> dict[str, Any]:
         """base + the step kind's section (baseline and compared runs use main's), without pipeline-set keys."""
@@ -533,8 +574,17 @@ class _Pipeline:
             )
             tracking["name"] = step.name.replace("/", "-")
             cfg["tracking"] = tracking
+        if step.replicate:  # another initialisation and data order
+            cfg["seed"] = self.seed(step.kind) + step.replicate
+            data = dict(cfg.get("data") or {})
+            if data.get("seed") is not None:
+                data["seed"] = int(data["seed"]) + step.replicate
+                cfg["data"] = data
         if step.kind == "proxy":
             opts = copy.deepcopy(self.cfg["proxy"].get("mixer", {}))
+            sampling = self.sampling_weights(opts.pop("sampling_weights", None))
+            if sampling is not None:
+                opts["sampling_weights"] = sampling
             ref = {
                 **opts.pop("reference", {}),
                 "checkpoint": os.path.join(reference_dir or "", "checkpoints"),
@@ -573,6 +623,15 @@ class _Pipeline:
                     "same domains"
                 )
         return list(first)
+
+    def sampling_weights(self, value: Any) -> dict[str, float] | None:
+        """The proxy's ``sampling_weights`` (pipeline ``proxy.mixer.sampling_weights``, default uniform, the same
+        in every round) as ``{name: w}``; None when uniform (the trainer's default, so the key is left out)."""
+        if value is None or value == "uniform":
+            return None
+        names = self.domain_names()
+        w = self.resolve_weights(value, names, f"{self.source}: proxy.mixer.sampling_weights", "proxy", True)
+        return None if max(w.values()) - min(w.values()) <= 1e-12 else w
 
     def reference_weights(self, names: Sequence[str]) -> dict[str, float]:
         return self.resolve_weights(
@@ -684,7 +743,7 @@ class _Pipeline:
     ) -> dict[str, Any]:
         """``run_config`` of ``step``; a compared step takes its entry's weights or mixer instead of ``weights``."""
         if step.kind == "compare":
-            entry = compare[step.name.split("/", 1)[1]]
+            entry = compare[step.name.rsplit("compare/", 1)[1]]
             return self.run_config(step, entry.weights, mixer=entry.mixer)
         return self.run_config(step, weights, **kw)
 
@@ -817,6 +876,41 @@ class _Pipeline:
         self.ran.append(step.name)
         print(f"{label}: done in {time.time() - t0:.0f}s", flush=True)
 
+    def costs(
+        self, steps: Sequence[Step], runs: Mapping[str, str], compare: Mapping[str, CompareEntry]
+    ) -> dict[str, Any]:
+        """Training FLOPs (``train_flops`` of each run's ``train_summary.json``, None where absent) and each
+        method's search cost as a fraction of one main-model run: DoReMi = its references + proxies, a RegMix
+        weights file = the swarm next to it (``run_*/train_summary.json``), others 0."""
+
+        def flops(run_dir: str) -> float | None:
+            path = os.path.join(run_dir, "train_summary.json")
+            doc = _read_json(path) if os.path.isfile(path) else None
+            v = doc.get("train_flops") if isinstance(doc, Mapping) else None
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
+
+        per_run = {s.name: flops(runs[s.name]) for s in steps}
+        main = per_run.get("main")
+        search = [per_run[s.name] for s in steps if s.kind in ("reference", "proxy")]
+        out: dict[str, Any] = {"train_flops": per_run, "main_run_flops": main, "search_fraction": {}}
+        frac = out["search_fraction"]
+        frac["DoReMi"] = (
+            math.fsum(search) / main if main and all(v is not None for v in search) else None  # type: ignore[misc]
+        )
+        for label, entry in compare.items():
+            frac[label] = 0.0 if entry.form != "weights" else None
+            src = self.cfg["compare"][label].get("weights")
+            if isinstance(src, str) and main:
+                import glob
+
+                swarm = [
+                    flops(os.path.dirname(p))
+                    for p in glob.glob(os.path.join(os.path.dirname(src), "run_*", "train_summary.json"))
+                ]
+                if swarm and all(v is not None for v in swarm):
+                    frac[label] = math.fsum(swarm) / main  # type: ignore[arg-type]
+        return out
+
     def method_result(self, step: Step, entry: CompareEntry, names: Sequence[str]) -> MethodResult:
         """A finished compared run for the report; an online mixer's weights are its run's average weights."""
         weights = entry.weights
@@ -842,7 +936,7 @@ class _Pipeline:
                 launcher = _launcher_for(self.cfg, step.kind, self.source)
                 done = self.finished(step, self.merged(step.kind)) if os.path.isdir(step.dir) else False
                 if step.kind == "compare":
-                    launcher += f"; {compare[step.name.split('/', 1)[1]].source}"
+                    launcher += f"; {compare[step.name.rsplit('compare/', 1)[1]].source}"
                 print(f"[{i}/{len(steps)}] {step.name}: {'finished' if done else 'to run'} -> {step.dir} "
                       f"({launcher})")  # fmt: skip
             return {"output_dir": self.out, "steps": {s.name: s.dir for s in steps}, "domain_names": names}
@@ -855,40 +949,68 @@ class _Pipeline:
         by_name = {s.name: s for s in steps}
         for r in range(1, self.rounds + 1):
             prefix = "" if r == 1 else f"round{r}/"
-            ref, proxy = by_name[f"{prefix}reference"], by_name[f"{prefix}proxy"]
+            ref = by_name[f"{prefix}reference"]
             index += 1
             self.run_step(index, len(steps), ref, self.run_config(ref, weights))
-            index += 1
-            proxy_cfg = self.run_config(proxy, weights, reference_dir=ref.dir)
-            self.check_reference_checkpoint(ref, proxy, proxy_cfg)
-            self.run_step(index, len(steps), proxy, proxy_cfg)
-            dw = _read_json(os.path.join(proxy.dir, "domain_weights.json"))
-            try:
-                avg = {n: float(dw["average"]["weights"][n]) for n in names}
-                final = {n: float(dw["final"]["weights"][n]) for n in names}
-            except (KeyError, TypeError, ValueError):
-                raise PipelineError(
-                    f"{proxy.dir}/domain_weights.json: expected average/final weights for {names}"
-                ) from None
-            rounds.append(RoundWeights(r, avg, final, proxy.dir, ref.dir, dict(weights)))
-            weights = avg
-        main_step = by_name["main"]
-        index += 1
-        self.run_step(index, len(steps), main_step, self.run_config(main_step, weights))
-        main_eval = base_eval = None
-        runs = {s.name: s.dir for s in steps}
-        methods: list[MethodResult] = []
-        if self.cfg["baseline"]:
-            base_step = by_name["baseline"]
-            index += 1
-            self.run_step(index, len(steps), base_step, self.run_config(base_step, s1))
-            for label, entry in compare.items():
-                step = by_name[f"compare/{label}"]
+            proxies = [s for s in steps if s.kind == "proxy" and s.round == r]
+            avgs, finals = [], []
+            for proxy in proxies:
                 index += 1
-                self.run_step(index, len(steps), step, self.step_config(step, s1, compare))
-                methods.append(self.method_result(step, entry, names))
-            main_eval = _read_json(os.path.join(main_step.dir, "eval_summary.json"))
-            base_eval = _read_json(os.path.join(base_step.dir, "eval_summary.json"))
+                proxy_cfg = self.run_config(proxy, weights, reference_dir=ref.dir)
+                self.check_reference_checkpoint(ref, proxy, proxy_cfg)
+                self.run_step(index, len(steps), proxy, proxy_cfg)
+                dw = _read_json(os.path.join(proxy.dir, "domain_weights.json"))
+                try:
+                    avgs.append({n: float(dw["average"]["weights"][n]) for n in names})
+                    finals.append({n: float(dw["final"]["weights"][n]) for n in names})
+                except (KeyError, TypeError, ValueError):
+                    raise PipelineError(
+                        f"{proxy.dir}/domain_weights.json: expected average/final weights for {names}"
+                    ) from None
+            avg = {n: math.fsum(a[n] for a in avgs) / len(avgs) for n in names}  # the mean of the K ᾱ
+            final = {n: math.fsum(f[n] for f in finals) / len(finals) for n in names}
+            rounds.append(
+                RoundWeights(r, avg, final, proxies[0].dir, ref.dir, dict(weights), proxy_averages=avgs)
+            )
+            weights = avg
+        runs = {s.name: s.dir for s in steps}
+        main_evals: list[Any] = []
+        base_evals: list[Any] = []
+        compare_evals: dict[str, list[Any]] = {label: [] for label in compare}
+        compare_steps: dict[str, Step] = {}
+        ref1 = by_name["reference"]
+        for step in steps:
+            if step.kind in ("reference", "proxy"):
+                continue
+            index += 1
+            cfg = self.step_config(step, weights if step.kind == "main" else s1, compare)
+            eval_dir = step.dir
+            if step.kind == "baseline" and _same_run(cfg, self.run_config(ref1, s1)):
+                print(f"[{index}/{len(steps)}] {step.name}: the same run as the reference (model, data, weights, "
+                      f"seed, steps): its evaluation is reused ({ref1.dir})", flush=True)  # fmt: skip
+                self.reused.append(step.name)
+                eval_dir = runs[step.name] = ref1.dir
+            else:
+                self.run_step(index, len(steps), step, cfg)
+            if not self.cfg["baseline"]:
+                continue
+            summary = _read_json(os.path.join(eval_dir, "eval_summary.json"))
+            if step.kind == "main":
+                main_evals.append(summary)
+            elif step.kind == "baseline":
+                base_evals.append(summary)
+            else:
+                label = step.name.rsplit("compare/", 1)[1]
+                compare_evals[label].append(summary)
+                compare_steps.setdefault(label, step)
+        methods: list[MethodResult] = []
+        for label, entry in compare.items():
+            m = self.method_result(compare_steps[label], entry, names)
+            m.replicates = compare_evals[label]
+            methods.append(m)
+        main_eval = main_evals or None
+        base_eval = base_evals or None
+        costs = self.costs(steps, runs, compare)
         report = write_report(
             self.out,
             names,
@@ -899,6 +1021,7 @@ class _Pipeline:
             runs=runs,
             command=self.command,
             methods=methods,
+            costs=costs,
         )
         print("\n" + report.headline, flush=True)
         print(f"\nreport: {report.report_md}", flush=True)
@@ -917,6 +1040,7 @@ class _Pipeline:
             "doremi_weights": weights,
             "ran": list(self.ran),
             "skipped": list(self.skipped),
+            "reused": list(self.reused),
         }
 
 

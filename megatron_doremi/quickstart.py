@@ -6,8 +6,9 @@ Trains a small byte-level BPE tokenizer on the sample, tokenizes every domain in
 shards, writes the mixture in both forms, blends the domains and reads batches through the distributed loader
 (printing per-domain document/token counts and the blend's realised proportions), then runs the DoReMi pipeline
 with a tiny Llama-style model (reference, proxy, main model on the DoReMi weights, baseline on the reference
-weights; ``--compare`` adds a main model per other mixing method: heuristics, ODM, RegMix on the sample) and
-prints the report's headline table. Steps whose outputs already exist are skipped (``--force`` redoes
+weights; ``--compare`` adds a main model per other mixing method: heuristics, ODM, RegMix on the sample), each
+main model with 2 seeds (``replicates``), and prints the report's headline table: ``mean ± ci95`` over the seeds
+and paired-seed verdicts ("no significant difference" is a correct answer for models this small). Steps whose outputs already exist are skipped (``--force`` redoes
 the data).
 """
 
@@ -226,7 +227,7 @@ def run_doremi(
             if "regmix" in compare and compare["regmix"] is None:
                 compare["regmix"] = str(run_regmix(out, regmix_runs, regmix_iters))
             overrides.append(f"compare={json.dumps(compare)}")
-        what = "reference, proxy, main and baseline runs" + (
+        what = "reference, proxy, then the main and baseline models once per seed" + (
             f", then {', '.join(compare)}" if compare else ""
         )
         print(f"\n[4/4] DoReMi: {what} (examples/quickstart/pipeline.json)", flush=True)

@@ -3,8 +3,9 @@
 Inputs are plain data (no training objects): the domain names, the reference weights, each round's DoReMi
 weights (``domain_weights.json`` ``average``/``final``) and the per-domain validation results of the DoReMi main
 model and the baseline (the trainer's ``eval_summary.json``: ``domains.<name>.loss``, ``token_weighted``,
-``uniform``, ``worst``). A domain *improved* when DoReMi's validation loss is lower than the baseline's by more
-than ``TIE_TOLERANCE`` (1e-6 nats/token). Other mixing methods' main models (the pipeline's ``compare`` entries,
+``uniform``, ``worst``; ``bpb`` when recorded), one summary per seed. A domain *improved* only when the paired
+(same seed) difference to the baseline has a 95% interval below 0 (:mod:`megatron_doremi.stats`); with one seed
+nothing is claimed. ``TIE_TOLERANCE`` (1e-6 nats/token) only marks the best value of a row. Other mixing methods' main models (the pipeline's ``compare`` entries,
 :class:`MethodResult`) become more columns: :func:`compare_methods`, :func:`methods_table`.
 
 Outputs in ``out_dir`` (each written under a temporary name, then renamed):
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_doremi.atomic_io import atomic_write, atomic_write_json, atomic_write_text
+from megatron_doremi.stats import BETTER, NOT_TESTED, WORSE, estimate, paired_verdict, summarize_verdicts
 
 __all__ = [
     "TIE_TOLERANCE",
@@ -38,6 +40,7 @@ __all__ = [
     "compare_methods",
     "headline_table",
     "methods_table",
+    "seed_statistics",
     "write_report",
 ]
 
@@ -65,6 +68,7 @@ class RoundWeights:
     proxy_dir: str | None = None
     reference_dir: str | None = None
     reference_weights: dict[str, float] | None = None
+    proxy_averages: Sequence[Mapping[str, float]] = ()  # each proxy replicate's ᾱ (average is their mean)
 
 
 @dataclass
@@ -74,9 +78,10 @@ class MethodResult:
     label: str
     source: str  # where its weights came from ("weights runs/regmix/domain_weights.json", "heuristic unimax", ...)
     weights: dict[str, float] | None  # what it trained on; an online mixer's average weights; None if unknown
-    eval_summary: Mapping[str, Any]  # its eval_summary.json
+    eval_summary: Mapping[str, Any]  # its eval_summary.json (replicate 0)
     run_dir: str | None = None
     online: bool = False  # weights moved during training (an online mixer such as ODM)
+    replicates: Sequence[Mapping[str, Any]] = ()  # every seed's eval_summary.json (default: [eval_summary])
 
 
 @dataclass
@@ -119,6 +124,144 @@ def _token_weighted(losses: Mapping[str, float], summary: Mapping[str, Any], nam
 
 def _uniform(losses: Mapping[str, float], _summary: Mapping[str, Any], names: Sequence[str]) -> float:
     return math.fsum(losses[n] for n in names) / len(names)
+
+
+def _domain_value(summary: Mapping[str, Any], name: str, key: str) -> float | None:
+    entry = (summary.get("domains") or {}).get(name)
+    v = entry.get(key) if isinstance(entry, Mapping) else (entry if key == "loss" else None)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def mean_summary(summaries: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """An ``eval_summary``-shaped dict of the per-domain mean loss (and bpb) over replicates; tokens of the first."""
+    domains = {}
+    for n in names:
+        losses = _eval_losses_many(summaries, n)
+        entry: dict[str, Any] = {"loss": math.fsum(losses) / len(losses)}
+        bpb = [_domain_value(s, n, "bpb") for s in summaries]
+        if all(b is not None for b in bpb):
+            entry["bpb"] = math.fsum(bpb) / len(bpb)  # type: ignore[arg-type]
+        tokens = _domain_value(summaries[0], n, "tokens")
+        if tokens is not None:
+            entry["tokens"] = tokens
+        domains[n] = entry
+    return {"domains": domains}
+
+
+def _eval_losses_many(summaries: Sequence[Mapping[str, Any]], name: str) -> list[float]:
+    return [_eval_losses(s, [name], f"replicate {i} eval")[name] for i, s in enumerate(summaries)]
+
+
+def _per_seed_aggregates(
+    summary: Mapping[str, Any], names: Sequence[str], key: str
+) -> dict[str, float | None]:
+    vals = {n: _domain_value(summary, n, key) for n in names}
+    if any(v is None for v in vals.values()):
+        return {"uniform": None, "token_weighted": None, "worst": None}
+    full: dict[str, float] = {n: float(v) for n, v in vals.items()}  # type: ignore[arg-type]
+    return {
+        "uniform": _uniform(full, summary, names),
+        "token_weighted": _token_weighted(full, summary, names),
+        "worst": max(full.values()),
+    }
+
+
+def seed_statistics(
+    names: Sequence[str], evals: Mapping[str, Sequence[Mapping[str, Any]]], baseline: str = "baseline"
+) -> dict[str, Any]:
+    """Per method (``{label: [eval_summary per seed]}``): for every domain, the uniform and token-weighted
+    averages and the worst case, the per-seed values, mean and 95% half-width of loss and bpb
+    (:func:`megatron_doremi.stats.estimate`; bpb None where a summary lacks it), and vs ``baseline`` the paired
+    difference and its verdict (:func:`megatron_doremi.stats.paired_verdict`, seed i paired with seed i), plus
+    a ``summary`` of the domain verdicts on loss and the evaluated ``tokens`` per domain."""
+    base = evals[baseline]
+    out: dict[str, Any] = {}
+    for label, sums in evals.items():
+        entry: dict[str, Any] = {"replicates": len(sums), "domains": {}}
+        for n in names:
+            d: dict[str, Any] = {"tokens": _domain_value(sums[0], n, "tokens")}
+            for key in ("loss", "bpb"):
+                vals = [_domain_value(s, n, key) for s in sums]
+                d[key] = estimate(vals)  # type: ignore[arg-type]
+                if label != baseline:
+                    k = min(len(sums), len(base))
+                    other = [_domain_value(s, n, key) for s in base[:k]]
+                    d[f"{key}_vs_baseline"] = paired_verdict(vals[:k], other)  # type: ignore[arg-type]
+            if label != baseline:
+                d["verdict"] = d["loss_vs_baseline"]["verdict"]
+            entry["domains"][n] = d
+        for agg in ("uniform", "token_weighted", "worst"):
+            a: dict[str, Any] = {}
+            for key in ("loss", "bpb"):
+                vals = [_per_seed_aggregates(s, names, key)[agg] for s in sums]
+                a[key] = estimate(vals)  # type: ignore[arg-type]
+                if label != baseline:
+                    k = min(len(sums), len(base))
+                    other = [_per_seed_aggregates(s, names, key)[agg] for s in base[:k]]
+                    a[f"{key}_vs_baseline"] = paired_verdict(vals[:k], other)  # type: ignore[arg-type]
+            if label != baseline:
+                a["verdict"] = a["loss_vs_baseline"]["verdict"]
+            entry[agg] = a
+        if label != baseline:
+            entry["summary"] = summarize_verdicts([entry["domains"][n]["verdict"] for n in names])
+        out[label] = entry
+    return out
+
+
+def _spread(averages: Sequence[Mapping[str, float]], names: Sequence[str]) -> dict[str, Any] | None:
+    """Per domain the min, max and mean ± ci95 of ᾱ across proxy replicates (None with fewer than 2)."""
+    if len(averages) < 2:
+        return None
+    out = {}
+    for n in names:
+        vals = [float(a[n]) for a in averages]
+        out[n] = {"min": min(vals), "max": max(vals), **estimate(vals)}
+    return out
+
+
+def _pm(est: Mapping[str, Any] | None, digits: int = 4, sign: bool = False) -> str:
+    """``mean ± ci95`` (just the mean with one replicate; ``n/a`` when unknown)."""
+    if not est or est.get("mean") is None:
+        return "n/a"
+    text = f"{est['mean']:+.{digits}f}" if sign else f"{est['mean']:.{digits}f}"
+    return text + (f" ± {est['ci95']:.{digits}f}" if est.get("ci95") is not None else "")
+
+
+def _verdict_line(label: str, entry: Mapping[str, Any], names: Sequence[str]) -> str:
+    """One sentence: the method's domain verdicts vs the baseline (or why none can be claimed)."""
+    s = entry["summary"]
+    if s[NOT_TESTED] == len(names):
+        return (
+            f"{label}: 1 replicate, so no significance can be claimed (set replicates >= 2 for paired "
+            "95% intervals)"
+        )
+    parts = []
+    for v in (BETTER, WORSE):
+        doms = [n for n in names if entry["domains"][n]["verdict"] == v]
+        if doms:
+            parts.append(f"{v} on {', '.join(doms)}")
+    if not parts:
+        return f"{label}: no significant difference from the baseline on any domain (paired 95% intervals)"
+    return (
+        f"{label} vs baseline (paired 95% intervals): "
+        + "; ".join(parts)
+        + (
+            f"; no significant difference on {s['no significant difference']}"
+            if s["no significant difference"]
+            else ""
+        )
+    )
+
+
+def _apply_verdicts(comparison: dict[str, Any], entry: Mapping[str, Any], names: Sequence[str]) -> None:
+    """``improved``/``worse`` of :func:`compare_evals` from the paired-seed verdicts (none with one seed)."""
+    for n in names:
+        v = entry["domains"][n]["verdict"]
+        comparison["domains"][n]["improved"] = v == BETTER
+        comparison["domains"][n]["verdict"] = v
+    comparison["improved"] = [n for n in names if entry["domains"][n]["verdict"] == BETTER]
+    comparison["worse"] = [n for n in names if entry["domains"][n]["verdict"] == WORSE]
+    comparison["summary"] = entry["summary"]
 
 
 def compare_evals(
@@ -260,8 +403,10 @@ def headline_table(
     reference: Mapping[str, float],
     doremi_weights: Mapping[str, float],
     comparison: Mapping[str, Any] | None,
+    seeds: Mapping[str, Any] | None = None,
 ) -> str:
-    """The plain-text table the pipeline prints: weights and (when compared) validation losses per domain."""
+    """The plain-text table the pipeline prints: weights and (when compared) validation losses per domain (the
+    mean over seeds), then with ``seeds`` (:func:`seed_statistics`) the ``mean ± ci95`` table and verdicts."""
     width = max(len("token-weighted avg"), *(len(n) for n in names))
     head = f"{'domain':<{width}}  {'ref w':>7}  {'DoReMi w':>8}"
     if comparison is not None:
@@ -286,11 +431,39 @@ def headline_table(
             f"{'worst case':<{width}}{pad[width:]}  {w['baseline']:>9.4f}  {w['doremi']:>9.4f}  {w['delta']:>+8.4f}"
             f"  ({w['baseline_domain']} / {w['doremi_domain']})"
         )
-        k = len(comparison["improved"])
-        lines.append(
-            f"DoReMi improves {k} of {len(names)} domains"
-            + (f": {', '.join(comparison['improved'])}" if k else "")
-        )
+    if seeds is not None and comparison is not None:
+        lines += ["", seeds_table(names, seeds)]
+    return "\n".join(lines)
+
+
+def seeds_table(names: Sequence[str], seeds: Mapping[str, Any], labels: Sequence[str] | None = None) -> str:
+    """Plain text: per domain the evaluated tokens, each method's ``mean ± ci95`` loss and bpb and its verdict
+    vs the baseline; then one verdict sentence per method."""
+    labels = list(labels or seeds)
+    n_rep = max(seeds[m]["replicates"] for m in labels)
+    width = max(len("token-weighted avg"), *(len(n) for n in names))
+    lines = [f"validation loss, mean ± 95% CI over {n_rep} seed(s) (bpb in brackets; verdicts vs baseline):"]
+    head = f"{'':<{width}}  {'tokens':>9}" + "".join(f"  {m:>28}" for m in labels)
+    lines += [head, "-" * len(head)]
+
+    def cell(entry: Mapping[str, Any]) -> str:
+        text = f"{_pm(entry['loss'])} [{_pm(entry['bpb'], 3)}]"
+        v = entry.get("verdict")
+        return text + ({BETTER: " +", WORSE: " -"}.get(v, "") if v else "")
+
+    for n in names:
+        tok = seeds[labels[0]]["domains"][n]["tokens"]
+        row = f"{n:<{width}}  {(f'{tok:,.0f}' if tok is not None else 'n/a'):>9}"
+        lines.append(row + "".join(f"  {cell(seeds[m]['domains'][n]):>28}" for m in labels))
+    for key, label in (
+        ("token_weighted", "token-weighted avg"),
+        ("uniform", "uniform avg"),
+        ("worst", "worst case"),
+    ):
+        lines.append(f"{label:<{width}}  {'':>9}" + "".join(f"  {cell(seeds[m][key]):>28}" for m in labels))
+    if n_rep >= 2:
+        lines.append("(+ better / - worse than the baseline: the paired 95% interval excludes 0)")
+    lines += [_verdict_line(m, seeds[m], names) for m in labels if "summary" in seeds[m]]
     return "\n".join(lines)
 
 
@@ -497,6 +670,7 @@ def write_report(
     command: str | None = None,
     plots: bool = True,
     methods: Sequence[MethodResult] = (),
+    costs: Mapping[str, Any] | None = None,
 ) -> ReportResult:
     """Write ``report.md``, ``report.json`` and the plots into ``out_dir`` (see the module docstring).
 
@@ -517,8 +691,31 @@ def write_report(
     comparison = None
     if (main_eval is None) != (baseline_eval is None):
         raise ReportError("main_eval and baseline_eval must be given together")
+    seeds = None
     if main_eval is not None and baseline_eval is not None:
+        main_list = [main_eval] if isinstance(main_eval, Mapping) else list(main_eval)
+        base_list = [baseline_eval] if isinstance(baseline_eval, Mapping) else list(baseline_eval)
+        main_eval = main_list[0] if len(main_list) == 1 else mean_summary(main_list, names)
+        baseline_eval = base_list[0] if len(base_list) == 1 else mean_summary(base_list, names)
+        methods = [
+            MethodResult(
+                m.label,
+                m.source,
+                m.weights,
+                mean_summary(m.replicates, names),
+                m.run_dir,
+                m.online,
+                m.replicates,
+            )
+            if len(m.replicates) > 1
+            else m
+            for m in methods
+        ]
+        all_evals = {"baseline": base_list, "DoReMi": main_list}
+        all_evals.update({m.label: list(m.replicates) or [m.eval_summary] for m in methods})
+        seeds = seed_statistics(names, all_evals)
         comparison = compare_evals(names, main_eval, baseline_eval)
+        _apply_verdicts(comparison, seeds["DoReMi"], names)
     final = rounds[-1]
     method_comparison = None
     method_weights: dict[str, Mapping[str, float] | None] = {}
@@ -536,6 +733,10 @@ def write_report(
                 )
         evals = {"baseline": baseline_eval, "DoReMi": main_eval, **{m.label: m.eval_summary for m in methods}}
         method_comparison = compare_methods(names, evals)
+        for label, vs in method_comparison["vs_baseline"].items():
+            doms = seeds["DoReMi" if label == "DoReMi" else label]["domains"]  # type: ignore[index]
+            vs["improved"] = [n for n in names if doms[n]["verdict"] == BETTER]
+            vs["verdicts"] = {n: doms[n]["verdict"] for n in names}
         method_weights = {"baseline": reference_weights, "DoReMi": final.average}
         method_weights.update({m.label: m.weights for m in methods})
     md_path, json_path = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.json")
@@ -583,6 +784,17 @@ def write_report(
         + (f"; {', '.join(same)} within 1% of the reference." if same else ".")
     )
     lines.append("")
+    for r in rounds:
+        spread = _spread(r.proxy_averages, names)
+        if spread:
+            lines.append(
+                f"Spread of ᾱ across the {len(r.proxy_averages)} proxy seeds (round {r.round}; the main model "
+                "trained on their mean):"
+            )
+            lines.append("")
+            rows = [[n, _pm(spread[n]), f"{spread[n]['min']:.4f}", f"{spread[n]['max']:.4f}"] for n in names]
+            lines += _md_table(["domain", "ᾱ mean ± ci95", "min", "max"], rows)
+            lines.append("")
     if plots:
         lines += ["![domain weights](weights.png)", ""]
     for r in rounds:
@@ -593,46 +805,53 @@ def write_report(
     if comparison is not None:
         lines += ["## Validation loss: DoReMi main model vs baseline", ""]
         lines.append(
-            "Per-domain validation loss (nats/token, each domain's held-out samples, from each run's "
-            "`eval_summary.json`). Δ = DoReMi − baseline; negative is better."
+            "Per-domain validation loss (nats/token) and bits per byte (n/a where the evaluation did not record "
+            "it), from each run's `eval_summary.json`, as mean ± 95% CI half-width (Student t over the seeds; "
+            "the mean alone with one seed). Δ = DoReMi − baseline paired by seed; negative is better. A verdict "
+            "is better/worse only when the paired 95% interval excludes 0 (see docs/doremi.md, Reading the report)."
         )
         lines.append("")
         rows = []
+        sb, sd = seeds["baseline"], seeds["DoReMi"]  # type: ignore[index]
+
+        def md_row(label: str, b: Mapping[str, Any], d: Mapping[str, Any], tokens: str) -> list[str]:
+            delta = d["loss_vs_baseline"]
+            return [
+                label,
+                tokens,
+                _pm(b["loss"]),
+                _pm(d["loss"]),
+                _pm(delta, sign=True),
+                _pm(b["bpb"], 3),
+                _pm(d["bpb"], 3),
+                d["verdict"],
+            ]
+
         for n in names:
-            c = comparison["domains"][n]
+            tok = sb["domains"][n]["tokens"]
             rows.append(
-                [
-                    n,
-                    f"{c['baseline']:.4f}",
-                    f"{c['doremi']:.4f}",
-                    f"{c['delta']:+.4f}",
-                    "yes" if c["improved"] else "no",
-                ]
+                md_row(n, sb["domains"][n], sd["domains"][n], f"{tok:,.0f}" if tok is not None else "n/a")
             )
         for key, label in (
             ("token_weighted", "**token-weighted average**"),
             ("uniform", "**uniform average**"),
+            ("worst", "**worst case**"),
         ):
-            c = comparison[key]
-            rows.append([label, f"{c['baseline']:.4f}", f"{c['doremi']:.4f}", f"{c['delta']:+.4f}", ""])
-        w = comparison["worst"]
-        rows.append(
-            [
-                "**worst case**",
-                f"{w['baseline']:.4f} ({w['baseline_domain']})",
-                f"{w['doremi']:.4f} ({w['doremi_domain']})",
-                f"{w['delta']:+.4f}",
-                "",
-            ]
-        )
-        lines += _md_table(["domain", "baseline", "DoReMi", "Δ", "improved"], rows)
+            rows.append(md_row(label, sb[key], sd[key], ""))
+        header = [
+            "domain",
+            "eval tokens",
+            "baseline loss",
+            "DoReMi loss",
+            "Δ (paired)",
+            "baseline bpb",
+            "DoReMi bpb",
+            "verdict",
+        ]
+        lines += _md_table(header, rows)
         lines.append("")
-        k = len(comparison["improved"])
-        lines.append(
-            f"DoReMi improves {k} of {len(names)} domains"
-            + (f" ({', '.join(comparison['improved'])})" if k else "")
-            + (f"; worse on {', '.join(comparison['worse'])}." if comparison["worse"] else ".")
-        )
+        w = comparison["worst"]
+        lines.append(_verdict_line("DoReMi", sd, names) + ".")
         lines.append(
             f"Uniform average {comparison['uniform']['delta']:+.4f}, token-weighted average "
             f"{comparison['token_weighted']['delta']:+.4f}, worst case {w['delta']:+.4f}."
@@ -642,9 +861,18 @@ def write_report(
             lines += ["![validation loss](loss.png)", ""]
     if method_comparison is not None:
         lines += _methods_md(names, methods, method_weights, method_comparison, out_dir, plots)
-    headline = headline_table(names, reference_weights, final.average, comparison)
+    headline = headline_table(names, reference_weights, final.average, comparison, seeds)
     if method_comparison is not None:
         headline += "\n\n" + methods_table(names, method_weights, method_comparison)
+    frac = (costs or {}).get("search_fraction") or {}
+    if frac:
+        parts = [f"{m} {v:.2f}x" if isinstance(v, (int, float)) else f"{m} n/a" for m, v in frac.items()]
+        cost_line = (
+            "Search cost beside the main model, as a fraction of one main-model run's training FLOPs "
+            "(n/a where a run did not record train_flops): " + ", ".join(parts) + "."
+        )
+        lines += [cost_line, ""]
+        headline += "\n" + cost_line
     lines += ["## Headline", "", "```", headline, "```", ""]
     atomic_write_text(md_path, "\n".join(lines))
     doc = {
@@ -658,6 +886,8 @@ def write_report(
                 "proxy_dir": r.proxy_dir,
                 "reference_dir": r.reference_dir,
                 "reference_weights": r.reference_weights,
+                "proxy_averages": [dict(a) for a in r.proxy_averages],
+                "proxy_spread": _spread(r.proxy_averages, names),
             }
             for r in rounds
         ],
@@ -668,6 +898,9 @@ def write_report(
             for m in methods
         },
         "method_comparison": method_comparison,
+        "seeds": seeds,
+        "verdict_summary": {m: e["summary"] for m, e in (seeds or {}).items() if "summary" in e},
+        "costs": dict(costs or {}),
         "runs": dict(runs or {}),
     }
     atomic_write_json(json_path, doc, indent=1)

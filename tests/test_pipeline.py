@@ -88,7 +88,7 @@ class FakeTrainer:
             return 1
         kind = name.split("/")[-1]
         if kind == "proxy":
-            r = int(name.split("/")[0].removeprefix("round")) if "/" in name else 1
+            r = int(name.split("/")[0].removeprefix("round")) if name.startswith("round") else 1
             write_domain_weights_json(out / "domain_weights.json", NAMES, LEARNED[r], LEARNED[r][::-1])
         elif cfg["mixer"]["type"] not in ("static", "doremi"):  # an online mixer: its average weights
             write_domain_weights_json(out / "domain_weights.json", NAMES, [0.5, 0.25, 0.25], [0.6, 0.2, 0.2])
@@ -289,6 +289,81 @@ def test_cli_errors_and_dry_run(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_replicates_train_every_main_model_per_seed_and_report_verdicts(tmp_path):
+    fake = FakeTrainer()
+    cfg = _pipeline(
+        tmp_path, replicates=2, proxy_replicates=2, base={**_pipeline(tmp_path)["base"], "seed": 7}
+    )
+    result = run_pipeline(cfg, runner=fake, echo=False)
+    out = tmp_path / "out"
+    assert [c[0] for c in fake.calls] == ["reference", "proxy", "seed8/proxy", "main", "baseline", "seed8/main",
+                                          "seed8/baseline"]  # fmt: skip
+    assert _cfg(out, "proxy")["seed"] == 7 and _cfg(out, "seed8/proxy")["seed"] == 8
+    assert _cfg(out, "seed8/proxy")["mixer"]["reference"] == _cfg(out, "proxy")["mixer"]["reference"]
+    assert _cfg(out, "main")["seed"] == 7 and _cfg(out, "seed8/main")["seed"] == 8
+    assert _cfg(out, "seed8/main")["mixer"] == _cfg(out, "main")["mixer"]  # both on the mean ᾱ
+    assert _cfg(out, "seed8/main")["output_dir"] == str(out / "seed8" / "main")
+    doc = json.loads(Path(result["report_json"]).read_text())
+    assert doc["rounds"][0]["average"] == pytest.approx(dict(zip(NAMES, LEARNED[1].tolist())))
+    assert len(doc["rounds"][0]["proxy_averages"]) == 2
+    d = doc["seeds"]["DoReMi"]["domains"]
+    assert (
+        d["alpha"]["loss"]["values"] == [2.0, 2.0] and d["alpha"]["verdict"] == "better"
+    )  # -0.5 on both seeds
+    assert d["beta"]["verdict"] == "worse" and doc["verdict_summary"]["DoReMi"]["better"] == 2
+    assert "±" in result["headline"]
+
+
+def test_a_half_done_replicate_pipeline_resumes(tmp_path, capsys):
+    cfg = _pipeline(tmp_path, replicates=2)
+    with pytest.raises(StepFailed, match="step seed1235/main failed"):
+        run_pipeline(cfg, runner=FakeTrainer(no_summary={"seed1235/main"}), echo=False)
+    again = FakeTrainer()
+    result = run_pipeline(cfg, runner=again, echo=False)
+    assert [c[0] for c in again.calls] == ["seed1235/main", "seed1235/baseline"]
+    assert result["skipped"] == ["reference", "proxy", "main", "baseline"]
+    assert "seed1235/main: resuming" in capsys.readouterr().out
+    assert json.loads(Path(result["report_json"]).read_text())["seeds"]["DoReMi"]["replicates"] == 2
+
+
+def test_a_baseline_that_is_the_reference_run_reuses_it(tmp_path, capsys):
+    cfg = _pipeline(tmp_path, replicates=2, main={}, export_hf=False)
+    fake = FakeTrainer(losses={"reference": [2.5, 3.0, 1.25]})
+    result = run_pipeline(cfg, runner=fake, echo=False)
+    # replicate 0's baseline = the reference (same model, data, weights, seed, steps); seed 1235's is trained
+    assert [c[0] for c in fake.calls] == ["reference", "proxy", "main", "seed1235/main", "seed1235/baseline"]
+    assert result["reused"] == ["baseline"] and result["steps"]["baseline"] == str(
+        tmp_path / "out" / "reference"
+    )
+    assert "baseline: the same run as the reference" in capsys.readouterr().out
+
+
+def test_proxy_sampling_weights_default_uniform_leaves_the_key_out(tmp_path):
+    run_pipeline(_pipeline(tmp_path, reference_weights="mixture"), runner=FakeTrainer(), echo=False)
+    proxy = _cfg(tmp_path / "out", "proxy")["mixer"]
+    assert "sampling_weights" not in proxy  # the trainer's default is uniform
+    assert proxy["reference_weights"] != {n: 1 / 3 for n in NAMES}
+
+
+def test_proxy_sampling_weights_are_their_own_setting(tmp_path):
+    from megatron_doremi.training.mixer_factory import DOREMI_DEFAULTS
+
+    if "sampling_weights" not in DOREMI_DEFAULTS:
+        pytest.skip("this trainer has no mixer.sampling_weights yet")
+    fake = FakeTrainer()
+    cfg = _pipeline(tmp_path, rounds=2, baseline=False, reference_weights="mixture")
+    cfg["proxy"]["mixer"]["sampling_weights"] = [1, 1, 2]
+    run_pipeline(cfg, runner=fake, echo=False)
+    out = tmp_path / "out"
+    raw = np.array([1.0 + len(n) for n in NAMES])
+    for step in ("proxy", "round2/proxy"):  # rounds >= 2 keep the proxy's sampling weights
+        assert _cfg(out, step)["mixer"]["sampling_weights"] == {"alpha": 0.25, "beta": 0.25, "gamma": 0.5}
+    assert _cfg(out, "proxy")["mixer"]["reference_weights"] == pytest.approx(
+        dict(zip(NAMES, raw / raw.sum()))
+    )
+    assert _cfg(out, "reference")["mixer"]["weights"] == _cfg(out, "proxy")["mixer"]["reference_weights"]
+
+
 # ---- report -------------------------------------------------------------------------------------------------------
 
 
@@ -322,18 +397,61 @@ def test_report_content(tmp_path):
                           runs={"main": str(tmp_path / "main")})  # fmt: skip
     md = Path(result.report_md).read_text()
     assert f"| alpha | 0.3333 | {avg['alpha']:.4f} |" in md
-    assert "| alpha | 2.5000 | 2.0000 | -0.5000 | yes |" in md
-    assert "| beta | 3.0000 | 3.5000 | +0.5000 | no |" in md
+    assert "| alpha | 100 | 2.5000 | 2.0000 | -0.5000 | n/a | n/a | not tested |" in md
+    assert "| beta | 100 | 3.0000 | 3.5000 | +0.5000 | n/a | n/a | not tested |" in md
     uniform_b, uniform_d = sum(LOSSES["baseline"]) / 3, sum(LOSSES["main"]) / 3
-    assert f"| **uniform average** | {uniform_b:.4f} | {uniform_d:.4f} | {uniform_d - uniform_b:+.4f} |" in md
-    assert "| **worst case** | 3.0000 (beta) | 3.5000 (beta) | +0.5000 |" in md
-    assert "DoReMi improves 2 of 3 domains (alpha, gamma); worse on beta." in md
+    assert (
+        f"| **uniform average** |  | {uniform_b:.4f} | {uniform_d:.4f} | {uniform_d - uniform_b:+.4f} |" in md
+    )
+    assert "| **worst case** |  | 3.0000 | 3.5000 | +0.5000 |" in md
+    assert (
+        "1 replicate, so no significance can be claimed" in md and "better" not in md.split("## Headline")[1]
+    )
     assert "DoReMi up-weights gamma and down-weights alpha; beta within 1% of the reference." in md
     assert "![validation loss](loss.png)" in md and (tmp_path / "loss.png").stat().st_size > 1000
     doc = json.loads(Path(result.report_json).read_text())
-    assert doc["comparison"]["improved"] == ["alpha", "gamma"] and doc["doremi_weights"] == avg
+    assert doc["comparison"]["improved"] == [] and doc["doremi_weights"] == avg  # one seed: nothing claimed
     assert math.isclose(doc["comparison"]["uniform"]["delta"], uniform_d - uniform_b)
-    assert "DoReMi improves 2 of 3 domains: alpha, gamma" in result.headline
+    assert doc["verdict_summary"]["DoReMi"]["not tested"] == 3
+    assert "DoReMi improves" not in result.headline and "no significance can be claimed" in result.headline
+
+
+def test_report_with_replicates_has_intervals_and_verdicts(tmp_path):
+    from megatron_doremi.report import RoundWeights
+
+    ref = {n: 1 / 3 for n in NAMES}
+    avg = dict(zip(NAMES, LEARNED[1].tolist()))
+    jitter = ([0.0, 0.01, -0.01], [0.02, -0.03, 0.0], [-0.01, 0.02, 0.01])
+
+    def ev(losses, j, bpb=True):
+        return {"domains": {n: {"loss": v + d, "tokens": 100 + i, **({"bpb": (v + d) / 3} if bpb else {})}
+                            for i, (n, v, d) in enumerate(zip(NAMES, losses, j))}}  # fmt: skip
+
+    base = [ev([2.5, 3.0, 1.25], j) for j in jitter]
+    # alpha: 0.5 lower on every seed (better); beta: +/- noise (no difference); gamma: 0.3 higher (worse)
+    main_ = [ev([2.0, 3.0 + e, 1.55], j) for e, j in zip((0.05, -0.04, 0.0), jitter)]
+    result = write_report(str(tmp_path), NAMES, ref, [RoundWeights(1, avg, avg)], main_, base, plots=False)
+    doc = json.loads(Path(result.report_json).read_text())
+    d = doc["seeds"]["DoReMi"]["domains"]
+    assert [d[n]["verdict"] for n in NAMES] == ["better", "no significant difference", "worse"]
+    assert d["alpha"]["loss"]["values"] == pytest.approx([2.0, 2.02, 1.99]) and d["alpha"]["tokens"] == 100
+    assert d["alpha"]["loss"]["mean"] == pytest.approx(6.01 / 3) and d["alpha"]["loss"]["ci95"] > 0
+    assert d["alpha"]["bpb"]["mean"] == pytest.approx(6.01 / 9)
+    assert doc["verdict_summary"]["DoReMi"] == {"better": 1, "worse": 1, "no significant difference": 1,
+                                                "not tested": 0}  # fmt: skip
+    assert doc["seeds"]["baseline"]["uniform"]["loss"]["ci95"] is not None
+    assert doc["seeds"]["DoReMi"]["worst"]["verdict"] in ("worse", "no significant difference", "better")
+    assert doc["comparison"]["improved"] == ["alpha"] and doc["comparison"]["worse"] == ["gamma"]
+    assert "±" in result.headline and "better on alpha; worse on gamma" in result.headline
+    md = Path(result.report_md).read_text()
+    assert (
+        "| alpha | 100 | 2.5033 ± 0.0379 | 2.0033 ± 0.0379 | -0.5000 ± 0.0000 | 0.834 ± 0.013 | 0.668 ± 0.013 | better |"
+        in md
+    )
+    # a summary without bpb: bpb is n/a, nothing crashes
+    result = write_report(str(tmp_path), NAMES, ref, [RoundWeights(1, avg, avg)],
+                          [ev([2.0, 3.0, 1.5], j, bpb=False) for j in jitter], base, plots=False)  # fmt: skip
+    assert "[n/a]" in result.headline
 
 
 # ---- shipped configs and the SLURM template -----------------------------------------------------------------------
@@ -407,3 +525,24 @@ def test_pipeline_sbatch_composes_the_launcher(tmp_path):
     assert "(srun --nodes=3 --ntasks-per-node=4 --cpus-per-task=8 --kill-on-bad-exit=1)" in proc.stdout
     proc = run(LAUNCHER_KIND="mpi")
     assert proc.returncode == 2 and "LAUNCHER_KIND must be deepspeed or srun" in proc.stderr
+
+
+def test_costs_are_fractions_of_one_main_run_when_runs_record_train_flops(tmp_path):
+    fake = FakeTrainer()
+
+    def with_flops(name, cmd, log_path, env):
+        rc = fake(name, cmd, log_path, env)
+        cfg = json.loads(Path(cmd[cmd.index("--config") + 1]).read_text())
+        path = Path(cfg["output_dir"]) / "train_summary.json"
+        doc = json.loads(path.read_text())
+        path.write_text(json.dumps({**doc, "train_flops": 1e9 * cfg["schedule"]["train_iters"]}))
+        return rc
+
+    result = run_pipeline(_pipeline(tmp_path), runner=with_flops, echo=False)
+    costs = json.loads(Path(result["report_json"]).read_text())["costs"]
+    assert costs["main_run_flops"] == 7e9 and costs["train_flops"]["proxy"] == 5e9
+    assert costs["search_fraction"]["DoReMi"] == pytest.approx(10 / 7)  # reference + proxy vs one main run
+    assert (
+        "fraction of one main-model run's training FLOPs (n/a where a run did not record train_flops): DoReMi 1.43x"
+        in result["headline"]
+    )

@@ -98,7 +98,8 @@ def test_compare_entries_train_main_models_on_their_weights_and_become_report_co
     )
     assert mc["best"] == {"alpha": "regmix", "beta": "temp", "gamma": "DoReMi"}
     assert mc["uniform"]["regmix"] == pytest.approx(sum(COMPARE_LOSSES["regmix"]) / 3)
-    assert mc["vs_baseline"]["temp"]["improved"] == ["beta"]
+    assert mc["vs_baseline"]["temp"]["improved"] == []  # one seed: no verdict
+    assert mc["vs_baseline"]["temp"]["verdicts"]["beta"] == "not tested"
     assert mc["vs_baseline"]["regmix"]["uniform"] == pytest.approx((1.5 + 3.2 + 1.1 - 2.5 - 3.0 - 1.25) / 3)
     # manual, unimax and prop have the fake default losses (all 4.0): ties keep the column order
     assert mc["ranking"] == ["regmix", "DoReMi", "odm", "baseline", "temp", "manual", "unimax", "prop"]
@@ -106,7 +107,7 @@ def test_compare_entries_train_main_models_on_their_weights_and_become_report_co
         doc["methods"]["odm"]["online"] is True and doc["methods"]["regmix"]["source"] == f"weights {regmix}"
     )
     assert doc["methods"]["unimax"]["source"] == "heuristic unimax (max_epochs=1, budget_tokens=12000)"
-    assert doc["comparison"]["improved"] == ["alpha", "gamma"]  # DoReMi vs baseline is unchanged
+    assert doc["comparison"]["improved"] == [] and doc["verdict_summary"]["temp"]["not tested"] == 3
 
     report = Path(result["report_md"]).read_text()
     assert (
@@ -115,7 +116,7 @@ def test_compare_entries_train_main_models_on_their_weights_and_become_report_co
     assert "| alpha | 2.5000 | 2.0000 | **1.5000** | 4.0000 | 2.6000 | 4.0000 | 4.0000 | 2.4000 |" in report
     assert (out / "methods.png").stat().st_size > 1000 and (out / "weights.png").exists()
     head = result["headline"]
-    assert "DoReMi improves 2 of 4 domains" not in head and "DoReMi improves 2 of 3 domains" in head
+    assert "DoReMi improves" not in head and "temp: 1 replicate, so no significance can be claimed" in head
     row = next(line for line in head.splitlines() if line.startswith("beta ") and "*" in line)
     assert row.split()[1:] == [
         "3.0000",
@@ -261,3 +262,23 @@ def test_compare_methods_numbers_and_ties():
     with pytest.raises(ValueError, match="no 'baseline'"):
         compare_methods(["a", "b"], {"DoReMi": ev(1, 1)})
     assert math.isclose(c["token_weighted"]["baseline"], 2.25)
+
+
+def test_compare_entries_with_replicates(tmp_path, capsys):
+    cfg = _sized_pipeline(tmp_path, compare={"regmix": _regmix_file(tmp_path)}, replicates=2)
+    fake = FakeTrainer(losses=COMPARE_LOSSES)
+    result = run_pipeline(cfg, runner=fake, echo=False)
+    assert [c[0] for c in fake.calls][-3:] == [
+        "seed1235/main",
+        "seed1235/baseline",
+        "seed1235/compare/regmix",
+    ]
+    out = tmp_path / "out"
+    assert _cfg(out, "seed1235/compare/regmix")["seed"] == 1235
+    assert _cfg(out, "seed1235/compare/regmix")["mixer"] == _cfg(out, "compare/regmix")["mixer"]
+    doc = json.loads(Path(result["report_json"]).read_text())
+    assert doc["seeds"]["regmix"]["replicates"] == 2
+    assert doc["seeds"]["regmix"]["domains"]["alpha"]["verdict"] == "better"  # 1.5 vs 2.5 on both seeds
+    assert doc["costs"]["search_fraction"]["regmix"] is None  # no train_flops recorded by the fake runs
+    run_pipeline(cfg, runner=FakeTrainer(), echo=False, dry_run=True)
+    assert "seed1235/compare/regmix: finished" in capsys.readouterr().out

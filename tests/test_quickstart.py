@@ -43,15 +43,20 @@ def test_quickstart_prints_counts_and_realised_proportions(tmp_path):
     avg = Mixture.from_dict(weights["average"]["mixture"])
     assert avg.names == mixture.names and abs(avg.weights.sum() - 1) < 1e-9
     assert (doremi / "report.md").exists()
-    for run in ("reference", "proxy", "main", "baseline"):
+    # 2 seeds; the seed-1234 baseline is the reference run (same config), so it is not trained again
+    assert not (doremi / "baseline").exists()
+    for run in ("reference", "proxy", "main", "seed1235/main", "seed1235/baseline"):
         summary = json.loads((doremi / run / "eval_summary.json").read_text())
         assert set(summary["domains"]) == set(mixture.names)
-    main_eval = json.loads((doremi / "main" / "eval_summary.json").read_text())
+    main_evals = [
+        json.loads((doremi / d / "eval_summary.json").read_text()) for d in ("main", "seed1235/main")
+    ]
     for name, w in zip(mixture.names, avg.weights):
         row = re.search(rf"^{name}\s+0\.2500\s+(\d\.\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)", text, re.MULTILINE)
         assert row, f"no headline row for {name}:\n{text[-2500:]}"
         assert abs(float(row.group(1)) - w) < 1e-4
-        assert abs(float(row.group(3)) - main_eval["domains"][name]["loss"]) < 1e-3
+        mean = sum(e["domains"][name]["loss"] for e in main_evals) / 2
+        assert abs(float(row.group(3)) - mean) < 1e-3
     # --compare: RegMix ran on the sample, then one more main model per method, as columns of the report
     regmix = json.loads((out / "regmix" / "domain_weights.json").read_text())
     assert len(list((out / "regmix").glob("run_*/eval_summary.json"))) == 5
@@ -64,9 +69,17 @@ def test_quickstart_prints_counts_and_realised_proportions(tmp_path):
     assert methods == ["baseline", "DoReMi", "unimax", "odm", "regmix"]
     assert report["methods"]["regmix"]["weights"] == regmix["average"]["weights"]
     for label in ("unimax", "odm", "regmix"):
-        summary = json.loads((doremi / "compare" / label / "eval_summary.json").read_text())
+        runs = [doremi / "compare" / label, doremi / "seed1235" / "compare" / label]
+        summaries = [json.loads((r / "eval_summary.json").read_text()) for r in runs]
         for name in mixture.names:
-            assert report["method_comparison"]["domains"][name][label] == summary["domains"][name]["loss"]
+            mean = sum(x["domains"][name]["loss"] for x in summaries) / 2
+            assert abs(report["method_comparison"]["domains"][name][label] - mean) < 1e-12
+            assert report["seeds"][label]["domains"][name]["verdict"] in (
+                "better", "worse", "no significant difference")  # fmt: skip
+    assert "mean ± 95% CI over 2 seed(s)" in text and set(report["verdict_summary"]) == {
+        "DoReMi",
+        *methods[2:],
+    }
     header = re.search(r"^validation loss\s+(.*)$", text, re.MULTILINE)
     assert header and header.group(1).split() == methods, text[-3000:]
     assert "ranking by uniform average (best first):" in text
