@@ -97,6 +97,8 @@ setup(
             "tensorboard>=2.10",
             "sentencepiece>=0.2",  # the SentencePieceTokenizer preprocessing test
             "tiktoken>=0.7",  # the TikTokenizer preprocessing test
+            "lm-eval>=0.4.5",  # the offline downstream test (a local task)
+            "accelerate>=0.26",
             "megatron-core>=0.16",  # the Megatron-Core split/index oracles run against the real package
         ],
     },
