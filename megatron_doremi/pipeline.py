@@ -122,7 +122,7 @@ _PROXY_MIXER_KEYS = (
     "sampling_weights",
 )
 _REFERENCE_OPTION_KEYS = ("mode", "allow_architecture_mismatch")
-_COMPARE_FORMS = ("weights", "heuristic", "mixer")
+_COMPARE_FORMS = ("weights", "heuristic", "mixer", "regmix")
 #: heuristic -> its parameters and their defaults (None: computed from the main run)
 HEURISTIC_DEFAULTS: dict[str, dict[str, float | None]] = {
     "proportional": {},
@@ -153,10 +153,11 @@ class CompareEntry:
     """A resolved ``compare`` entry: static ``weights`` or an online ``mixer`` spec."""
 
     label: str
-    form: str  # "weights" | "heuristic" | "mixer"
+    form: str  # "weights" | "heuristic" | "mixer" | "regmix"
     weights: dict[str, float] | None
     mixer: Mapping[str, Any] | None
     source: str  # what the weights came from, for the report
+    search_flops: float | None = None  # a regmix entry's swarm training FLOPs (None: unknown)
 
 
 def read_weights_file(path: str) -> dict[str, float]:
@@ -379,6 +380,13 @@ def _check_compare(value: Any, baseline: bool, source: str) -> dict[str, dict[st
         if unknown:
             params = ", ".join(sorted(allowed - {form})) or "none"
             raise PipelineError(f"{at}: unknown key(s) {unknown} for a {form} entry (parameters: {params})")
+        if form == "regmix":
+            from megatron_doremi.regmix.compare import check_regmix_spec
+
+            try:
+                spec = {"regmix": check_regmix_spec(spec["regmix"], f"{at}.regmix")}
+            except ValueError as exc:
+                raise PipelineError(str(exc)) from None
         if form == "mixer":
             mixer = spec["mixer"]
             if not isinstance(mixer, Mapping) or not isinstance(mixer.get("type"), str):
@@ -731,12 +739,40 @@ class _Pipeline:
                 described = f"heuristic {spec['heuristic']}" + (f" ({params})" if params else "")
                 weights = self.heuristic_weights(spec, names, where)
                 out[label] = CompareEntry(label, "heuristic", weights, None, described)
+            elif "regmix" in spec:
+                out[label] = self.regmix_entry(label, spec["regmix"], names, where)
             else:
                 value = spec["weights"]
                 described = f"weights {value}" if isinstance(value, str) else "weights (given)"
                 weights = self.resolve_weights(value, names, f"{where}.weights", "main", positive=False)
                 out[label] = CompareEntry(label, "weights", weights, None, described)
         return out
+
+    def regmix_entry(
+        self, label: str, opts: Mapping[str, Any], names: Sequence[str], where: str
+    ) -> CompareEntry:
+        """A ``{"regmix": {...}}`` entry: the swarm searched into ``compare/<label>/regmix_search/``."""
+        from megatron_doremi.regmix.compare import regmix_compare_weights
+        from megatron_doremi.regmix.runs import RegmixError
+
+        sched = self.merged("main").get("schedule") or {}
+        try:
+            budget = float(
+                int(sched["train_iters"]) * int(sched["global_batch_size"]) * int(sched["seq_length"])
+            )
+        except (KeyError, TypeError, ValueError):
+            budget = None
+        out_dir = os.path.join(self.out, "compare", label, "regmix_search")
+        try:
+            weights, info = regmix_compare_weights(opts, names, out_dir, budget)
+        except (RegmixError, OSError) as exc:
+            raise PipelineError(f"{where}.regmix: {exc}") from None
+        caps = f"; binding caps {', '.join(info['binding_caps'])}" if info["binding_caps"] else ""
+        described = (
+            f"RegMix {info['regressor']} law, {info['optimizer']} search over {info['swarm_runs']} proxies in "
+            f"{opts['runs']}{caps}"
+        )
+        return CompareEntry(label, "regmix", weights, None, described, search_flops=info["swarm_flops"])
 
     def step_config(
         self, step: Step, weights: dict[str, float], compare: Mapping[str, CompareEntry], **kw: Any
@@ -898,6 +934,9 @@ class _Pipeline:
             math.fsum(search) / main if main and all(v is not None for v in search) else None  # type: ignore[misc]
         )
         for label, entry in compare.items():
+            if entry.form == "regmix":
+                frac[label] = entry.search_flops / main if entry.search_flops is not None and main else None
+                continue
             frac[label] = 0.0 if entry.form != "weights" else None
             src = self.cfg["compare"][label].get("weights")
             if isinstance(src, str) and main:

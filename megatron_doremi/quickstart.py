@@ -100,14 +100,19 @@ def blend_summary(
 
 
 PIPELINE_CONFIG = REPO_DIR / "examples" / "quickstart" / "pipeline.json"
-COMPARE_CHOICES = "proportional, temperature[:T], unimax[:EPOCHS], odm, regmix, LABEL=WEIGHTS_FILE"
+COMPARE_CHOICES = (
+    "proportional, temperature[:T], unimax[:EPOCHS], odm, aioli, regmix, regmix-loglinear, LABEL=WEIGHTS_FILE"
+)
+_SWARM = ("regmix", "regmix-loglinear")  # entries that need the RegMix swarm trained first
 
 
 def parse_compare(text: str) -> dict[str, Any]:
     """``--compare`` -> ``{label: pipeline compare entry}``; ``regmix`` maps to None (RegMix runs first).
 
     Items (comma-separated): ``proportional``, ``temperature[:T]`` (T = 2), ``unimax[:EPOCHS]`` (1 epoch cap),
-    ``odm`` (the online mixer), ``regmix`` (RegMix on the sample), ``LABEL=PATH`` (any weights file).
+    ``odm`` and ``aioli`` (online mixers), ``regmix`` (RegMix on the sample: LightGBM law, sampled search),
+    ``regmix-loglinear`` (the same swarm: Olmix's log-linear law, exact search capped at one epoch of each domain
+    for the main run's tokens), ``LABEL=PATH`` (any weights file). The two RegMix entries map to None.
     """
     out: dict[str, Any] = {}
     for item in (x.strip() for x in text.split(",")):
@@ -118,13 +123,13 @@ def parse_compare(text: str) -> dict[str, Any]:
             if "=" in item:
                 label, _, path = item.partition("=")
                 label, entry = label.strip(), str(Path(path.strip()).resolve())
-            elif name in ("proportional", "odm", "regmix") and not arg:
+            elif name in ("proportional", "odm", "aioli", *_SWARM) and not arg:
                 label = name
                 entry = {
                     "proportional": {"heuristic": "proportional"},
                     "odm": {"mixer": {"type": "odm"}},
-                    "regmix": None,
-                }[name]
+                    "aioli": {"mixer": {"type": "aioli"}},
+                }.get(name)
             elif name == "temperature":
                 label, entry = name, {"heuristic": "temperature", "temperature": float(arg or 2.0)}
             elif name == "unimax":
@@ -224,8 +229,13 @@ def run_doremi(
     try:
         if compare:
             compare = dict(compare)
-            if "regmix" in compare and compare["regmix"] is None:
-                compare["regmix"] = str(run_regmix(out, regmix_runs, regmix_iters))
+            if any(compare.get(k, "") is None for k in _SWARM):
+                weights_file = run_regmix(out, regmix_runs, regmix_iters)
+                if "regmix" in compare:
+                    compare["regmix"] = str(weights_file)
+                if "regmix-loglinear" in compare:
+                    law = {"runs": str(weights_file.parent), "regressor": "loglinear", "optimizer": "exact"}
+                    compare["regmix-loglinear"] = {"regmix": law}
             overrides.append(f"compare={json.dumps(compare)}")
         what = "reference, proxy, then the main and baseline models once per seed" + (
             f", then {', '.join(compare)}" if compare else ""

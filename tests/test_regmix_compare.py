@@ -55,3 +55,38 @@ def test_bad_regmix_entries_name_the_key(spec, needle):
     with pytest.raises(ValueError, match=None) as err:
         check_regmix_spec(spec, "compare.x")
     assert needle in str(err.value) and "compare.x" in str(err.value)
+
+
+def test_pipeline_compare_entry_regmix_trains_a_column_on_the_searched_weights(tmp_path):
+    from megatron_doremi.pipeline import PipelineError, run_pipeline
+    from megatron_doremi.regmix.__main__ import main as regmix_main
+    from tests.test_pipeline import NAMES as PNAMES
+    from tests.test_pipeline import FakeTrainer, _pipeline
+
+    cfg = _pipeline(tmp_path)
+    runs = tmp_path / "swarm"
+    assert regmix_main(["sample", "--mixture", cfg["base"]["data"]["mixture"], "--num-runs", "12", "--out",
+                        str(runs), "--min-distance", "0"]) == 0  # fmt: skip
+    for run in sorted(runs.glob("run_*")):  # a convex law: gamma helps most
+        mix = json.loads((run / "mixture.json").read_text())
+        w = np.array([mix["domains"][n]["weight"] for n in PNAMES])
+        w = w / w.sum()
+        loss = [2.0 + 0.3 / (w[0] + 0.1), 2.0 + 0.2 / (w[1] + 0.1), 2.0 + 0.9 / (w[2] + 0.1)]
+        (run / "eval_summary.json").write_text(
+            json.dumps({"domains": {n: {"loss": v} for n, v in zip(PNAMES, loss)}})
+        )
+        (run / "train_summary.json").write_text(json.dumps({"steps": 5, "train_flops": 1e6}))
+    cfg["compare"] = {"rl": {"regmix": {"runs": str(runs), "regressor": "linear", "budget_tokens": None}}}
+    fake = FakeTrainer()
+    result = run_pipeline(cfg, runner=fake, echo=False)
+    assert [c[0] for c in fake.calls][-1] == "compare/rl"
+    step_cfg = json.loads((tmp_path / "out/compare/rl/pipeline_config.json").read_text())
+    searched = json.loads((tmp_path / "out/compare/rl/regmix_search/domain_weights.json").read_text())
+    assert step_cfg["mixer"]["weights"] == pytest.approx(searched["average"]["weights"], abs=1e-12)
+    assert max(searched["average"]["weights"], key=searched["average"]["weights"].get) == "gamma"
+    assert result["compare_weights"]["rl"] == pytest.approx(searched["average"]["weights"], abs=1e-12)
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert "rl" in json.dumps(report["methods"])
+    cfg["compare"] = {"rl": {"regmix": {"runs": str(tmp_path / "nope")}}}
+    with pytest.raises(PipelineError, match="compare.rl.regmix"):
+        run_pipeline(cfg, runner=FakeTrainer(), echo=False, dry_run=True)
