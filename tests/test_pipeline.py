@@ -461,7 +461,7 @@ def test_report_with_replicates_has_intervals_and_verdicts(tmp_path):
                                   "examples/pile/pipeline_120m.json"])  # fmt: skip
 def test_shipped_pipeline_configs_are_valid(path, monkeypatch):
     from megatron_doremi.pipeline import _Pipeline, load_pipeline_config
-    from megatron_doremi.training.config import validate_run_config
+    from megatron_doremi.training.config import eval_enabled, validate_run_config
 
     monkeypatch.chdir(REPO)
     cfg, source = load_pipeline_config(path)
