@@ -394,7 +394,10 @@ def methods_table(
             [("-" if m == base else f"{len(vs[m]['improved'])}/{len(names)}") + " " for m in labels],
         )
     )
-    lines.append("ranking by uniform average (best first): " + ", ".join(comparison["ranking"]))
+    lines.append(
+        "ranking by uniform average (best first): " + ", ".join(comparison["ranking"])
+        + " (an order of means, not a verdict: see the paired intervals)"
+    )  # fmt: skip
     return "\n".join(lines)
 
 
@@ -652,7 +655,10 @@ def _methods_md(
     lines.append("")
     lines += _md_table(["", *labels], rows)
     lines.append("")
-    lines.append("Ranking by uniform average (best first): " + ", ".join(comparison["ranking"]) + ".")
+    lines.append(
+        "Ranking by uniform average (best first): " + ", ".join(comparison["ranking"])
+        + " (an order of means, not a verdict: the verdicts above come from the paired intervals)."
+    )  # fmt: skip
     lines.append("")
     if plots:
         lines += ["![validation loss by method](methods.png)", ""]
